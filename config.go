@@ -1,0 +1,255 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// config is every setting the service reads from its environment. Each
+// field's default is in loadConfig; SPEC.md and .env.example list them too.
+type config struct {
+	Addr  string
+	Store string // "memory" or "redis"
+
+	RedisAddr     string // host:port
+	RedisDB       int
+	RedisPassword string
+	RedisUsername string
+	RedisTimeout  time.Duration
+
+	RateLimit           int
+	RateWindow          time.Duration
+	RateLimitFailClosed bool
+	TrustedProxies      []netip.Prefix
+
+	CacheTTL time.Duration
+
+	BreakerThreshold    int
+	BreakerResetTimeout time.Duration
+
+	ExternalURL         string
+	ExternalFailureRate float64
+	ExternalLatency     time.Duration
+	ExternalTimeout     time.Duration
+
+	MaxBodyBytes int64
+	MaxBatch     int
+	MaxTypes     int
+
+	LogLevel slog.Level
+}
+
+// loadConfig reads and validates every variable in one pass. It reports all
+// invalid variables at once, each by name, so a bad deployment is fixed in
+// one round rather than one variable per restart.
+func loadConfig(getenv func(string) string) (config, error) {
+	p := envParser{getenv: getenv}
+	c := config{
+		Addr:  p.str("ADDR", ":8000"),
+		Store: p.oneOf("STORE", "memory", "memory", "redis"),
+
+		RedisTimeout: p.duration("REDIS_TIMEOUT", "500ms"),
+
+		RateLimit:           p.integer("RATE_LIMIT", "5", 1, math.MaxInt32),
+		RateWindow:          p.duration("RATE_WINDOW", "60"),
+		RateLimitFailClosed: p.boolean("RATE_LIMIT_FAIL_CLOSED", "false"),
+		TrustedProxies:      p.prefixes("TRUSTED_PROXIES"),
+
+		CacheTTL: p.duration("CACHE_TTL", "300"),
+
+		BreakerThreshold:    p.integer("CB_FAILURE_THRESHOLD", "3", 1, math.MaxInt32),
+		BreakerResetTimeout: p.duration("CB_RESET_TIMEOUT", "10"),
+
+		ExternalURL:         p.httpURL("EXTERNAL_URL"),
+		ExternalFailureRate: p.probability("EXTERNAL_SERVICE_FAILURE_RATE", "0.2"),
+		ExternalLatency:     p.durationOrZero("EXTERNAL_SERVICE_LATENCY", "50ms"),
+		ExternalTimeout:     p.duration("EXTERNAL_TIMEOUT", "2s"),
+
+		MaxBodyBytes: int64(p.integer("MAX_BODY_BYTES", "1048576", 1, math.MaxInt32)),
+		MaxBatch:     p.integer("MAX_BATCH", "10000", 1, math.MaxInt32),
+		MaxTypes:     p.integer("MAX_TYPES", "10000", 1, math.MaxInt32),
+
+		LogLevel: p.level("LOG_LEVEL", "info"),
+	}
+	c.RedisAddr, c.RedisDB, c.RedisUsername, c.RedisPassword = p.redis()
+	return c, errors.Join(p.errs...)
+}
+
+// envParser collects one error per invalid variable instead of stopping at
+// the first.
+type envParser struct {
+	getenv func(string) string
+	errs   []error
+}
+
+func (p *envParser) fail(name, value, why string) {
+	p.errs = append(p.errs, fmt.Errorf("%s=%q: %s", name, value, why))
+}
+
+// str returns the variable's value, or def when it is unset or empty.
+func (p *envParser) str(name, def string) string {
+	if v := strings.TrimSpace(p.getenv(name)); v != "" {
+		return v
+	}
+	return def
+}
+
+func (p *envParser) oneOf(name, def string, allowed ...string) string {
+	v := strings.ToLower(p.str(name, def))
+	for _, a := range allowed {
+		if v == a {
+			return v
+		}
+	}
+	p.fail(name, v, "must be one of "+strings.Join(allowed, ", "))
+	return def
+}
+
+func (p *envParser) integer(name, def string, lo, hi int) int {
+	s := p.str(name, def)
+	n, err := strconv.Atoi(s)
+	if err != nil || n < lo || n > hi {
+		p.fail(name, s, fmt.Sprintf("must be a whole number from %d to %d", lo, hi))
+		return 0
+	}
+	return n
+}
+
+func (p *envParser) boolean(name, def string) bool {
+	s := p.str(name, def)
+	b, err := strconv.ParseBool(s)
+	if err != nil {
+		p.fail(name, s, "must be true or false")
+	}
+	return b
+}
+
+func (p *envParser) probability(name, def string) float64 {
+	s := p.str(name, def)
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || !(f >= 0 && f <= 1) {
+		p.fail(name, s, "must be a number from 0 to 1")
+		return 0
+	}
+	return f
+}
+
+// duration accepts a Go duration ("1500ms", "5m") or a plain number of
+// seconds ("60", "0.5") and requires it to be positive.
+func (p *envParser) duration(name, def string) time.Duration {
+	d, ok := p.durationVar(name, def)
+	if ok && d == 0 {
+		p.fail(name, p.str(name, def), "must be greater than zero")
+	}
+	return d
+}
+
+// durationOrZero is duration for settings where zero is meaningful.
+func (p *envParser) durationOrZero(name, def string) time.Duration {
+	d, _ := p.durationVar(name, def)
+	return d
+}
+
+func (p *envParser) durationVar(name, def string) (time.Duration, bool) {
+	s := p.str(name, def)
+	d, err := parseDuration(s)
+	if err != nil || d < 0 {
+		p.fail(name, s, "must be a Go duration such as 1500ms or 10s, or a number of seconds, not negative")
+		return 0, false
+	}
+	return d, true
+}
+
+func parseDuration(s string) (time.Duration, error) {
+	if secs, err := strconv.ParseFloat(s, 64); err == nil {
+		if math.IsNaN(secs) || math.IsInf(secs, 0) || math.Abs(secs) > math.MaxInt64/float64(time.Second) {
+			return 0, errors.New("out of range")
+		}
+		return time.Duration(secs * float64(time.Second)), nil
+	}
+	return time.ParseDuration(s)
+}
+
+func (p *envParser) level(name, def string) slog.Level {
+	s := p.str(name, def)
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		p.fail(name, s, "must be one of debug, info, warn, error")
+	}
+	return l
+}
+
+// prefixes parses a comma-separated list of CIDRs; a bare address means
+// that single host.
+func (p *envParser) prefixes(name string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, f := range strings.Split(p.getenv(name), ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		pfx, err := netip.ParsePrefix(f)
+		if err != nil {
+			addr, aerr := netip.ParseAddr(f)
+			if aerr != nil {
+				p.fail(name, f, "must be a comma-separated list of CIDRs such as 10.0.0.0/8")
+				continue
+			}
+			pfx = netip.PrefixFrom(addr, addr.BitLen())
+		}
+		out = append(out, pfx.Masked())
+	}
+	return out
+}
+
+func (p *envParser) httpURL(name string) string {
+	s := p.str(name, "")
+	if s == "" {
+		return ""
+	}
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		p.fail(name, s, "must be an http:// or https:// URL")
+		return ""
+	}
+	return s
+}
+
+// redis resolves REDIS_URL, or REDIS_HOST and REDIS_PORT when it is unset.
+func (p *envParser) redis() (addr string, db int, user, password string) {
+	raw := p.str("REDIS_URL", "")
+	if raw == "" {
+		host := p.str("REDIS_HOST", "localhost")
+		port := p.integer("REDIS_PORT", "6379", 1, 65535)
+		return net.JoinHostPort(host, strconv.Itoa(port)), 0, "", ""
+	}
+	u, err := url.Parse(raw)
+	if err != nil || u.Scheme != "redis" || u.Host == "" {
+		p.fail("REDIS_URL", raw, "must look like redis://[user:password@]host:port[/db]")
+		return "", 0, "", ""
+	}
+	addr = u.Host
+	if u.Port() == "" {
+		addr = net.JoinHostPort(u.Hostname(), "6379")
+	}
+	if path := strings.TrimPrefix(u.Path, "/"); path != "" {
+		db, err = strconv.Atoi(path)
+		if err != nil || db < 0 {
+			p.fail("REDIS_URL", raw, "database must be a whole number")
+			return "", 0, "", ""
+		}
+	}
+	if u.User != nil {
+		user = u.User.Username()
+		password, _ = u.User.Password()
+	}
+	return addr, db, user, password
+}

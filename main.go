@@ -1,0 +1,246 @@
+// Command analytics is a small realtime metrics service: it ingests samples,
+// serves per-type summaries through a read-through cache, rate-limits
+// clients and guards an external service with a circuit breaker. State lives
+// in this process (STORE=memory) or in Redis (STORE=redis), where any number
+// of instances share it.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+)
+
+func main() {
+	if err := run(context.Background(), os.Getenv, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "analytics:", err)
+		os.Exit(1)
+	}
+}
+
+// shutdownTimeout bounds how long in-flight requests may take to finish
+// after SIGTERM. Orchestrators' stop grace periods must be longer.
+const shutdownTimeout = 10 * time.Second
+
+// run is the whole program: it returns when ctx is cancelled or a signal
+// arrives (nil after a clean shutdown), or at once when the configuration
+// is invalid or the address is taken.
+func run(ctx context.Context, getenv func(string) string, stdout io.Writer) error {
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return fmt.Errorf("configuration: %w", err)
+	}
+	log := slog.New(slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel}))
+
+	b, closeBackend, err := openBackend(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer closeBackend()
+
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{
+		Handler:           newHandler(log, cfg, b),
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      15 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	log.Info("listening", "addr", ln.Addr().String(), "store", cfg.Store)
+
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+
+	select {
+	case err := <-served:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// backend is every stateful component, all in memory or all in Redis.
+type backend struct {
+	store     metricStore
+	summaries *summaryCache
+	ping      func(context.Context) error
+}
+
+// openBackend builds the configured backend and returns the function that
+// releases it. With Redis it does not wait for Redis to be reachable: the
+// pool dials on demand, so the service answers 503 until Redis is up.
+func openBackend(cfg config, log *slog.Logger) (backend, func(), error) {
+	switch cfg.Store {
+	case "redis":
+		pool := newRedisPool(cfg)
+		return newRedisBackend(pool, "", cfg, time.Now), func() {
+			if err := pool.Close(); err != nil {
+				log.Warn("closing redis pool", "err", err)
+			}
+		}, nil
+	default:
+		return newMemoryBackend(cfg, time.Now), func() {}, nil
+	}
+}
+
+func newMemoryBackend(cfg config, now func() time.Time) backend {
+	s := newMemoryStore(cfg.MaxTypes)
+	return backend{
+		store:     s,
+		summaries: newSummaryCache(s, newMemoryCacheStore(s, cfg.CacheTTL, now)),
+		ping:      func(context.Context) error { return nil },
+	}
+}
+
+// newRedisBackend keeps every key under prefix, so tests can share one
+// redis-server without touching each other's data.
+func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time.Time) backend {
+	s := newRedisStore(pool, prefix, cfg.MaxTypes)
+	return backend{
+		store:     s,
+		summaries: newSummaryCache(s, newRedisCacheStore(pool, prefix, cfg.CacheTTL)),
+		ping:      pool.ping,
+	}
+}
+
+// newHandler lists every route in one place.
+func newHandler(log *slog.Logger, cfg config, b backend) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /health", handleHealth(b.ping))
+	mux.Handle("POST /api/metrics", handleIngest(log, cfg, b.store))
+	mux.Handle("GET /api/metrics/summary", handleSummary(log, b.summaries))
+	return jsonFallbacks(mux)
+}
+
+func handleHealth(ping func(context.Context) error) http.Handler {
+	ok := []byte(`{"status":"ok"}` + "\n")
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if err := ping(r.Context()); err != nil {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{
+				"status": "unavailable",
+				"detail": "store unavailable: " + err.Error(),
+			})
+			return
+		}
+		writeRaw(w, http.StatusOK, ok)
+	})
+}
+
+// jsonFallbacks rewrites the plain-text 404 and 405 answers of ServeMux as
+// JSON errors, keeping the Allow header the mux sets on a 405.
+func jsonFallbacks(mux *http.ServeMux) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h, pattern := mux.Handler(r)
+		if pattern == "" {
+			w = &fallbackWriter{ResponseWriter: w}
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+type fallbackWriter struct {
+	http.ResponseWriter
+	rewritten bool
+}
+
+func (f *fallbackWriter) WriteHeader(code int) {
+	if code != http.StatusNotFound && code != http.StatusMethodNotAllowed {
+		f.ResponseWriter.WriteHeader(code)
+		return
+	}
+	f.rewritten = true
+	f.Header().Del("X-Content-Type-Options")
+	detail := "not found"
+	if code == http.StatusMethodNotAllowed {
+		detail = "method not allowed"
+	}
+	writeError(f.ResponseWriter, code, detail)
+}
+
+func (f *fallbackWriter) Write(p []byte) (int, error) {
+	if f.rewritten {
+		return len(p), nil // the plain-text body is replaced by the JSON one
+	}
+	return f.ResponseWriter.Write(p)
+}
+
+// writeJSON answers with v as JSON. Encoding errors can only come from the
+// connection, so they are not reported.
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	body, err := json.Marshal(v)
+	if err != nil {
+		// Only a programming error gets here: every type written is plain.
+		panic(fmt.Sprintf("writeJSON %T: %v", v, err))
+	}
+	writeRaw(w, status, append(body, '\n'))
+}
+
+// writeRaw answers with a body that is already JSON.
+func writeRaw(w http.ResponseWriter, status int, body []byte) {
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	w.Write(body)
+}
+
+// writeError answers with the project's one error shape.
+func writeError(w http.ResponseWriter, status int, detail string) {
+	writeJSON(w, status, errorBody{Detail: detail})
+}
+
+type errorBody struct {
+	Detail string `json:"detail"`
+}
+
+// requestError is a problem with the request itself: its status is a 4xx
+// and its message is safe to show the client.
+type requestError struct {
+	status int
+	detail string
+}
+
+func (e *requestError) Error() string { return e.detail }
+
+func unprocessable(format string, args ...any) error {
+	return &requestError{status: http.StatusUnprocessableEntity, detail: fmt.Sprintf(format, args...)}
+}
+
+// writeFailure is the one place an error becomes a status. A requestError
+// is the client's; anything else means a dependency (the store) failed, and
+// it is logged here, once, and answered with 503.
+func writeFailure(w http.ResponseWriter, r *http.Request, log *slog.Logger, err error) {
+	var re *requestError
+	if errors.As(err, &re) {
+		writeError(w, re.status, re.detail)
+		return
+	}
+	log.Warn("store unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
+	w.Header().Set("Retry-After", "1")
+	writeError(w, http.StatusServiceUnavailable, "store unavailable, try again shortly")
+}

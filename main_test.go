@@ -1,0 +1,235 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+)
+
+// response is what a test needs of an HTTP answer.
+type response struct {
+	status int
+	header http.Header
+	body   string
+}
+
+// json decodes the body, failing the test when it is not a JSON object.
+func (r response) json(t testing.TB) map[string]any {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal([]byte(r.body), &m); err != nil {
+		t.Fatalf("body %q is not a JSON object: %v", r.body, err)
+	}
+	return m
+}
+
+// send makes one request. contentType "" sends none.
+func send(t testing.TB, method, url, contentType, body string) response {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer res.Body.Close()
+	b, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return response{res.StatusCode, res.Header, string(b)}
+}
+
+func post(t testing.TB, base, body string) response {
+	t.Helper()
+	return send(t, "POST", base+"/api/metrics", "application/json", body)
+}
+
+func get(t testing.TB, url string) response {
+	t.Helper()
+	return send(t, "GET", url, "", "")
+}
+
+// serve runs the service's handler over b on a loopback test server.
+func serve(t testing.TB, cfg config, b backend) string {
+	t.Helper()
+	srv := httptest.NewServer(newHandler(discardLogger(), cfg, b))
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+func TestRunServesAndStops(t *testing.T) {
+	env := map[string]string{"ADDR": "127.0.0.1:0", "LOG_LEVEL": "debug"}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	addr, done := startRun(t, ctx, env)
+
+	if r := get(t, "http://"+addr+"/health"); r.status != 200 || r.body != `{"status":"ok"}`+"\n" {
+		t.Fatalf("GET /health = %d %q, want 200 {\"status\":\"ok\"}", r.status, r.body)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("run returned %v after cancel, want nil", err)
+		}
+	case <-time.After(shutdownTimeout + time.Second):
+		t.Fatal("run did not return after its context was cancelled")
+	}
+	if _, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		t.Error("the server still accepts connections after run returned")
+	}
+}
+
+// startRun calls run with env and returns the address it listens on, read
+// from its "listening" log line, and the channel its result arrives on.
+func startRun(t *testing.T, ctx context.Context, env map[string]string) (string, <-chan error) {
+	t.Helper()
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		err := run(ctx, func(k string) string { return env[k] }, pw)
+		pw.Close()
+		done <- err
+	}()
+	addrc := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			var line struct{ Msg, Addr string }
+			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "listening" {
+				addrc <- line.Addr
+			}
+		}
+		io.Copy(io.Discard, pr)
+	}()
+	select {
+	case addr := <-addrc:
+		return addr, done
+	case err := <-done:
+		t.Fatalf("run returned %v before listening", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not log its address within 10s")
+	}
+	return "", nil
+}
+
+func TestRunRejectsBadConfig(t *testing.T) {
+	for _, tc := range []struct{ name, value string }{
+		{"STORE", "postgres"},
+		{"RATE_LIMIT", "0"},
+		{"RATE_WINDOW", "soon"},
+		{"CACHE_TTL", "-5"},
+		{"CB_FAILURE_THRESHOLD", "x"},
+		{"EXTERNAL_SERVICE_FAILURE_RATE", "1.5"},
+		{"EXTERNAL_URL", "ftp://example"},
+		{"REDIS_URL", "http://localhost"},
+		{"REDIS_TIMEOUT", "0"},
+		{"TRUSTED_PROXIES", "10.0.0.0/33"},
+		{"MAX_BODY_BYTES", "-1"},
+		{"LOG_LEVEL", "loud"},
+		{"RATE_LIMIT_FAIL_CLOSED", "perhaps"},
+	} {
+		env := map[string]string{"ADDR": "127.0.0.1:0", tc.name: tc.value}
+		err := run(context.Background(), func(k string) string { return env[k] }, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), tc.name) {
+			t.Errorf("run with %s=%q = %v, want an error naming %s", tc.name, tc.value, err, tc.name)
+		}
+	}
+}
+
+func TestRunFailsOnTakenPort(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	env := map[string]string{"ADDR": ln.Addr().String()}
+	done := make(chan error, 1)
+	go func() { done <- run(context.Background(), func(k string) string { return env[k] }, io.Discard) }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("run on a taken port returned nil")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("run on a taken port did not fail at once")
+	}
+}
+
+func TestConfigDurations(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want time.Duration
+	}{
+		{"60", time.Minute},
+		{"0.5", 500 * time.Millisecond},
+		{"1500ms", 1500 * time.Millisecond},
+		{"5m", 5 * time.Minute},
+	} {
+		cfg, err := loadConfig(func(k string) string { return map[string]string{"CACHE_TTL": tc.in}[k] })
+		if err != nil || cfg.CacheTTL != tc.want {
+			t.Errorf("CACHE_TTL=%q: got %v, %v; want %v", tc.in, cfg.CacheTTL, err, tc.want)
+		}
+	}
+}
+
+func TestConfigRedisURL(t *testing.T) {
+	for _, tc := range []struct {
+		env            map[string]string
+		addr, user, pw string
+		db             int
+	}{
+		{map[string]string{}, "localhost:6379", "", "", 0},
+		{map[string]string{"REDIS_HOST": "cache", "REDIS_PORT": "7000"}, "cache:7000", "", "", 0},
+		{map[string]string{"REDIS_URL": "redis://redis:6380/2", "REDIS_HOST": "ignored"}, "redis:6380", "", "", 2},
+		{map[string]string{"REDIS_URL": "redis://:secret@r"}, "r:6379", "", "secret", 0},
+		{map[string]string{"REDIS_URL": "redis://app:pw@r:1/0"}, "r:1", "app", "pw", 0},
+	} {
+		cfg, err := loadConfig(func(k string) string { return tc.env[k] })
+		if err != nil {
+			t.Fatalf("loadConfig(%v): %v", tc.env, err)
+		}
+		if cfg.RedisAddr != tc.addr || cfg.RedisUsername != tc.user || cfg.RedisPassword != tc.pw || cfg.RedisDB != tc.db {
+			t.Errorf("loadConfig(%v) = %s %q %q db %d, want %s %q %q db %d", tc.env,
+				cfg.RedisAddr, cfg.RedisUsername, cfg.RedisPassword, cfg.RedisDB, tc.addr, tc.user, tc.pw, tc.db)
+		}
+	}
+}
+
+func TestUnknownRouteAndMethod(t *testing.T) {
+	cfg := testConfig(t)
+	base := serve(t, cfg, newMemoryBackend(cfg, time.Now))
+	for _, tc := range []struct {
+		method, path string
+		status       int
+		detail       string
+		allow        string
+	}{
+		{"GET", "/nope", 404, "not found", ""},
+		{"GET", "/api/metrics", 405, "method not allowed", "POST"},
+		{"DELETE", "/health", 405, "method not allowed", "GET, HEAD"},
+		{"POST", "/api/metrics/summary", 405, "method not allowed", "GET, HEAD"},
+	} {
+		r := send(t, tc.method, base+tc.path, "", "")
+		if r.status != tc.status || r.header.Get("Content-Type") != "application/json" || r.json(t)["detail"] != tc.detail {
+			t.Errorf("%s %s = %d %s %q, want %d application/json detail %q", tc.method, tc.path,
+				r.status, r.header.Get("Content-Type"), r.body, tc.status, tc.detail)
+		}
+		if got := r.header.Get("Allow"); got != tc.allow {
+			t.Errorf("%s %s: Allow = %q, want %q", tc.method, tc.path, got, tc.allow)
+		}
+	}
+}

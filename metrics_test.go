@@ -1,0 +1,440 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// count is the all-time sample count of typ, read from the store itself.
+func count(t testing.TB, s metricStore, typ string) int64 {
+	t.Helper()
+	st, _, err := s.summarize(context.Background(), typ, allTime)
+	if err != nil {
+		t.Fatalf("summarize(%s): %v", typ, err)
+	}
+	return st.count
+}
+
+func TestIngestRejections(t *testing.T) {
+	long := strings.Repeat("a", 65)
+	const ok = `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`
+	forEachStore(t, func(c *config) {
+		c.MaxBatch = 3
+		c.MaxBodyBytes = 300
+		c.MaxTypes = 3
+	}, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		// Fill MAX_TYPES so that a fourth type is refused.
+		for _, typ := range []string{"t1", "t2"} {
+			if r := post(t, base, `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"`+typ+`"}`); r.status != 201 {
+				t.Fatalf("seeding %s: %d %s", typ, r.status, r.body)
+			}
+		}
+		for _, tc := range []struct {
+			name, contentType, body string
+			status                  int
+			mention                 string // the message must contain this
+		}{
+			{"not JSON", "application/json", `{"timestamp":`, 422, "JSON"},
+			{"empty body", "application/json", ``, 422, "JSON"},
+			{"trailing garbage", "application/json", ok + ` x`, 422, "JSON"},
+			{"scalar", "application/json", `42`, 422, "object"},
+			{"null", "application/json", `null`, 422, "object"},
+			{"value as string", "", `{"timestamp":"2025-01-01T10:00:00","value":"75","type":"cpu"}`, 422, "value"},
+			{"value missing", "", `{"timestamp":"2025-01-01T10:00:00","type":"cpu"}`, 422, "value"},
+			{"value null", "", `{"timestamp":"2025-01-01T10:00:00","value":null,"type":"cpu"}`, 422, "value"},
+			{"value overflows", "", `{"timestamp":"2025-01-01T10:00:00","value":1e400,"type":"cpu"}`, 422, "value"},
+			{"value too large", "", `{"timestamp":"2025-01-01T10:00:00","value":1e301,"type":"cpu"}`, 422, "value"},
+			{"value bool", "", `{"timestamp":"2025-01-01T10:00:00","value":true,"type":"cpu"}`, 422, "value"},
+			{"timestamp missing", "", `{"value":1,"type":"cpu"}`, 422, "timestamp"},
+			{"timestamp number", "", `{"timestamp":1700000000,"value":1,"type":"cpu"}`, 422, "timestamp"},
+			{"timestamp invalid", "", `{"timestamp":"yesterday","value":1,"type":"cpu"}`, 422, "timestamp"},
+			{"timestamp bad month", "", `{"timestamp":"2025-13-01T10:00:00","value":1,"type":"cpu"}`, 422, "timestamp"},
+			{"timestamp date only", "", `{"timestamp":"2025-01-01","value":1,"type":"cpu"}`, 422, "timestamp"},
+			{"timestamp far future", "", `{"timestamp":"9999-01-01T00:00:00Z","value":1,"type":"cpu"}`, 422, "timestamp"},
+			{"type missing", "", `{"timestamp":"2025-01-01T10:00:00","value":1}`, 422, "type"},
+			{"type empty", "", `{"timestamp":"2025-01-01T10:00:00","value":1,"type":""}`, 422, "type"},
+			{"type too long", "", `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"` + long + `"}`, 422, "type"},
+			{"type with space", "", `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu load"}`, 422, "type"},
+			{"type with brace", "", `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu}"}`, 422, "type"},
+			{"type number", "", `{"timestamp":"2025-01-01T10:00:00","value":1,"type":7}`, 422, "type"},
+			{"type beyond MAX_TYPES", "", `[{"timestamp":"2025-01-01T10:00:00","value":1,"type":"t3"},{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}]`, 422, "type"},
+			{"empty batch", "", `[]`, 422, "empty"},
+			{"batch over MAX_BATCH", "", `[` + ok + `,` + ok + `,` + ok + `,` + ok + `]`, 422, "limit"},
+			{"bad item in batch", "", `[` + ok + `,` + ok + `,{"timestamp":"2025-01-01T10:00:00","value":"x","type":"cpu"}]`, 422, "item 2"},
+			{"non-object in batch", "", `[` + ok + `,1]`, 422, "item 1"},
+			{"body over MAX_BODY_BYTES", "", `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu","pad":"` + strings.Repeat("x", 300) + `"}`, 413, "bytes"},
+			{"wrong content type", "text/plain", ok, 415, "Content-Type"},
+			{"form content type", "application/x-www-form-urlencoded", ok, 415, "Content-Type"},
+		} {
+			r := send(t, "POST", base+"/api/metrics", tc.contentType, tc.body)
+			if r.status != tc.status {
+				t.Errorf("%s: status %d %s, want %d", tc.name, r.status, r.body, tc.status)
+				continue
+			}
+			if ct := r.header.Get("Content-Type"); ct != "application/json" {
+				t.Errorf("%s: Content-Type %q, want application/json", tc.name, ct)
+			}
+			if d, _ := r.json(t)["detail"].(string); !strings.Contains(d, tc.mention) {
+				t.Errorf("%s: detail %q, want it to mention %q", tc.name, d, tc.mention)
+			}
+			for _, typ := range []string{"cpu", "t3"} {
+				if n := count(t, e.b.store, typ); n != 0 {
+					t.Fatalf("%s: %d %s samples stored by a rejected request, want 0", tc.name, n, typ)
+				}
+			}
+		}
+	})
+}
+
+func TestIngestAccepts(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		for _, tc := range []struct {
+			name, contentType, body, want string
+		}{
+			{"spec example", "application/json", `{"timestamp":"2025-01-01T10:00:00","value":75,"type":"cpu"}`, `{"message":"Metric stored successfully"}`},
+			{"no content type", "", `{"timestamp":"2025-01-01T10:00:00Z","value":-1.5,"type":"cpu"}`, `{"message":"Metric stored successfully"}`},
+			{"charset", "application/json; charset=utf-8", `{"timestamp":"2025-01-01T12:00:00.123456+02:00","value":0,"type":"cpu"}`, `{"message":"Metric stored successfully"}`},
+			{"unknown fields", "", `{"timestamp":"2025-01-01T10:00:00","value":1e3,"type":"cpu","host":"a","tags":{"x":1}}`, `{"message":"Metric stored successfully"}`},
+			{"batch", "", `[{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"},{"timestamp":"2025-01-01T10:00:00","value":1,"type":"mem.used_MB-2"}]`, `{"message":"Metrics stored successfully","count":2}`},
+		} {
+			r := send(t, "POST", base+"/api/metrics", tc.contentType, tc.body)
+			if r.status != 201 || strings.TrimSpace(r.body) != tc.want {
+				t.Errorf("%s: %d %s, want 201 %s", tc.name, r.status, r.body, tc.want)
+			}
+		}
+		r := get(t, base+"/api/metrics/summary?metric_type=cpu")
+		want := `{"type":"cpu","count":5,"average":214.9,"sum":1074.5,"min":-1.5,"max":1000}`
+		if strings.TrimSpace(r.body) != want {
+			t.Errorf("summary = %s, want %s", r.body, want)
+		}
+	})
+}
+
+func TestSummaryRejections(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		for _, q := range []string{
+			"",
+			"?metric_type=",
+			"?metric_type=cpu%20load",
+			"?metric_type=" + strings.Repeat("x", 65),
+			"?metric_type=cpu&from=yesterday",
+			"?metric_type=cpu&to=2025-01-01",
+			"?metric_type=cpu&from=2025-01-02T00:00:00Z&to=2025-01-01T00:00:00Z",
+		} {
+			r := get(t, base+"/api/metrics/summary"+q)
+			if r.status != 422 || r.json(t)["detail"] == nil {
+				t.Errorf("GET summary%s = %d %s, want 422 with a detail", q, r.status, r.body)
+			}
+		}
+		r := get(t, base+"/api/metrics/summary?metric_type=never")
+		if want := `{"type":"never","count":0,"average":0,"sum":0}`; r.status != 200 || strings.TrimSpace(r.body) != want {
+			t.Errorf("summary of an unknown type = %d %s, want 200 %s", r.status, r.body, want)
+		}
+	})
+}
+
+func TestConcurrentWritersExact(t *testing.T) {
+	forEachStore(t, func(c *config) { c.RateLimit = 1 << 30 }, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		const writers, posts = 8, 100
+		var wg sync.WaitGroup
+		errs := make(chan string, writers*posts)
+		for w := range writers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range posts {
+					body := fmt.Sprintf(`{"timestamp":"2025-01-01T10:%02d:%02d","value":%d,"type":"cpu"}`, w, i%60, w*1000+i)
+					req, _ := http.NewRequest("POST", base+"/api/metrics", strings.NewReader(body))
+					res, err := http.DefaultClient.Do(req)
+					if err != nil {
+						errs <- err.Error()
+						continue
+					}
+					res.Body.Close()
+					if res.StatusCode != 201 {
+						errs <- fmt.Sprintf("status %d", res.StatusCode)
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for e := range errs {
+			t.Fatal(e)
+		}
+		// sum of w*1000+i over w<8, i<100 = 100*1000*28 + 8*4950
+		want := map[string]any{"type": "cpu", "count": 800.0, "sum": 2839600.0, "average": 3549.5, "min": 0.0, "max": 7099.0}
+		got := get(t, base+"/api/metrics/summary?metric_type=cpu").json(t)
+		for k, v := range want {
+			if got[k] != v {
+				t.Errorf("summary[%s] = %v, want %v", k, got[k], v)
+			}
+		}
+	})
+}
+
+func TestBatchAllOrNothing(t *testing.T) {
+	forEachStore(t, func(c *config) { c.MaxTypes = 2 }, func(t *testing.T, e storeEnv) {
+		ctx := context.Background()
+		ok := func(typ string) sample { return sample{typ: typ, at: 1, value: 1} }
+		if err := e.b.store.add(ctx, []sample{ok("a")}); err != nil {
+			t.Fatal(err)
+		}
+		// Two new types where only one more fits: nothing of it is stored.
+		err := e.b.store.add(ctx, []sample{ok("a"), ok("b"), ok("c"), ok("a")})
+		if err != errTooManyTypes {
+			t.Fatalf("add over MAX_TYPES = %v, want errTooManyTypes", err)
+		}
+		for typ, want := range map[string]int64{"a": 1, "b": 0, "c": 0} {
+			if n := count(t, e.b.store, typ); n != want {
+				t.Errorf("count(%s) = %d, want %d", typ, n, want)
+			}
+		}
+		if err := e.b.store.add(ctx, []sample{ok("b"), ok("a"), ok("b")}); err != nil {
+			t.Fatalf("add within MAX_TYPES: %v", err)
+		}
+		for typ, want := range map[string]int64{"a": 2, "b": 2} {
+			if n := count(t, e.b.store, typ); n != want {
+				t.Errorf("count(%s) = %d, want %d", typ, n, want)
+			}
+		}
+	})
+}
+
+// TestBatchAtomicForReaders checks that a reader never sees part of a batch.
+func TestBatchAtomicForReaders(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		ctx := context.Background()
+		const batch, rounds = 50, 40
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for r := range rounds {
+				b := make([]sample, batch)
+				for i := range b {
+					b[i] = sample{typ: "cpu", at: int64(r*batch + i), value: 1}
+				}
+				if err := e.b.store.add(ctx, b); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+		for finished := false; !finished; {
+			select {
+			case <-done:
+				finished = true
+			default:
+			}
+			for _, w := range []window{allTime, {0, math.MaxInt64 - 1}} {
+				st, _, err := e.b.store.summarize(ctx, "cpu", w)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if st.count%batch != 0 {
+					t.Fatalf("summarize %v saw %d samples: part of a %d-sample batch", w, st.count, batch)
+				}
+			}
+		}
+	})
+}
+
+func TestSummaryWindows(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		// Posted out of order on purpose: the store must not rely on arrival order.
+		body := `[
+			{"timestamp":"2025-01-01T10:00:02Z","value":3,"type":"cpu"},
+			{"timestamp":"2025-01-01T10:00:00Z","value":1,"type":"cpu"},
+			{"timestamp":"2025-01-01T10:00:01Z","value":2,"type":"cpu"},
+			{"timestamp":"2025-01-01T12:00:00.5+02:00","value":10,"type":"cpu"},
+			{"timestamp":"2025-01-01T10:00:03","value":4,"type":"cpu"}]`
+		if r := post(t, base, body); r.status != 201 {
+			t.Fatalf("post: %d %s", r.status, r.body)
+		}
+		for _, tc := range []struct {
+			query string
+			want  string
+		}{
+			{"", `"count":5,"average":4,"sum":20,"min":1,"max":10`},
+			{"&from=2025-01-01T10:00:01Z", `"count":3,"average":3,"sum":9,"min":2,"max":4`},
+			{"&to=2025-01-01T10:00:01Z", `"count":2,"average":5.5,"sum":11,"min":1,"max":10`},
+			{"&from=2025-01-01T10:00:00Z&to=2025-01-01T10:00:00.5Z", `"count":1,"average":1,"sum":1,"min":1,"max":1`},
+			{"&from=2025-01-01T10:00:01Z&to=2025-01-01T10:00:03Z", `"count":2,"average":2.5,"sum":5,"min":2,"max":3`},
+			{"&from=2025-01-01T10:00:00.5Z&to=2025-01-01T10:00:00.500001Z", `"count":1,"average":10,"sum":10,"min":10,"max":10`},
+			{"&from=2025-01-01T11:00:00%2B01:00&to=2025-01-01T10:00:01", `"count":2,"average":5.5,"sum":11,"min":1,"max":10`},
+			{"&from=2025-01-01T10:00:01Z&to=2025-01-01T10:00:01Z", `"count":0,"average":0,"sum":0`},
+			{"&from=2030-01-01T00:00:00Z", `"count":0,"average":0,"sum":0`},
+		} {
+			r := get(t, base+"/api/metrics/summary?metric_type=cpu"+tc.query)
+			want := `{"type":"cpu",` + tc.want + "}\n"
+			if r.status != 200 || r.body != want {
+				t.Errorf("summary%s = %d %s, want %s", tc.query, r.status, r.body, want)
+			}
+		}
+	})
+}
+
+func TestRedisSharedAcrossInstances(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		if e.reopen == nil {
+			t.Skip("the memory store belongs to one process")
+		}
+		first := serve(t, e.cfg, e.b)
+		second := serve(t, e.cfg, e.reopen())
+		if r := post(t, first, `{"timestamp":"2025-01-01T10:00:00","value":7,"type":"cpu"}`); r.status != 201 {
+			t.Fatal(r.status, r.body)
+		}
+		// The second instance caches the summary, then sees the first's next write.
+		if r := get(t, second+"/api/metrics/summary?metric_type=cpu"); !strings.Contains(r.body, `"count":1,`) {
+			t.Errorf("second instance: %s, want count 1", r.body)
+		}
+		if r := post(t, first, `{"timestamp":"2025-01-01T10:00:01","value":9,"type":"cpu"}`); r.status != 201 {
+			t.Fatal(r.status, r.body)
+		}
+		if r := get(t, second+"/api/metrics/summary?metric_type=cpu"); !strings.Contains(r.body, `"count":2,"average":8,"sum":16,"min":7,"max":9`) {
+			t.Errorf("second instance after another write to the first: %s, want count 2 sum 16", r.body)
+		}
+		// Data outlives the pool it was written through.
+		e.pool.Close()
+		third := serve(t, e.cfg, e.reopen())
+		if r := get(t, third+"/api/metrics/summary?metric_type=cpu&from=2025-01-01T10:00:01"); !strings.Contains(r.body, `"count":1,"average":9`) {
+			t.Errorf("reopened store: %s, want the second sample", r.body)
+		}
+	})
+}
+
+func TestRedisTypeKeysShareHashTag(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		if e.pool == nil {
+			t.Skip("Redis keys only")
+		}
+		base := serve(t, e.cfg, e.b)
+		post(t, base, `{"timestamp":"2025-01-01T10:00:00","value":7,"type":"cpu"}`)
+		get(t, base+"/api/metrics/summary?metric_type=cpu")
+		c := e.pool.Get()
+		defer c.Close()
+		keys, err := c.Do("KEYS", e.prefix+"*cpu*")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ks := keys.([]any)
+		if len(ks) != 3 {
+			t.Errorf("keys of type cpu: %d, want 3 (agg, samples, cached summary)", len(ks))
+		}
+		for _, k := range ks {
+			if s := string(k.([]byte)); !strings.HasPrefix(s, e.prefix+"{cpu}:") {
+				t.Errorf("key %q does not carry the hash tag {cpu}", s)
+			}
+		}
+	})
+}
+
+// TestStoreDown checks that a dead or hung Redis gives 503 JSON, quickly,
+// and that the service starts without Redis and recovers when it comes.
+func TestStoreDown(t *testing.T) {
+	srv := startRedis(t)
+	cfg := testConfig(t)
+	cfg.RedisAddr = srv.addr
+	prefix := testPrefix()
+	b := newRedisBackend(testPool(t, cfg, prefix), prefix, cfg, time.Now)
+	base := serve(t, cfg, b)
+	const sample = `{"timestamp":"2025-01-01T10:00:00","value":7,"type":"cpu"}`
+	if r := post(t, base, sample); r.status != 201 {
+		t.Fatalf("post with Redis up: %d %s", r.status, r.body)
+	}
+
+	srv.kill()
+	expectUnavailable(t, base, sample)
+
+	srv.restart(t)
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		r := get(t, base+"/health")
+		if r.status == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("health still %d 3s after Redis came back", r.status)
+		}
+		time.Sleep(20 * time.Millisecond) // polling interval
+	}
+	if r := post(t, base, sample); r.status != 201 {
+		t.Errorf("post after Redis came back: %d %s", r.status, r.body)
+	}
+}
+
+func TestStoreHung(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); conns.Wait() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			go func() { // read and never answer, as a stalled Redis would
+				defer conns.Done()
+				defer c.Close()
+				buf := make([]byte, 1024)
+				for {
+					if _, err := c.Read(buf); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	cfg := testConfig(t)
+	cfg.RedisAddr = ln.Addr().String()
+	cfg.RedisTimeout = 500 * time.Millisecond // the default
+	pool := newRedisPool(cfg)
+	t.Cleanup(func() { pool.Close() })
+	base := serve(t, cfg, newRedisBackend(pool, "", cfg, time.Now))
+	expectUnavailable(t, base, `{"timestamp":"2025-01-01T10:00:00","value":7,"type":"cpu"}`)
+}
+
+func expectUnavailable(t *testing.T, base, sample string) {
+	t.Helper()
+	for _, tc := range []struct {
+		method, path, body string
+		retryAfter         bool
+	}{
+		{"POST", "/api/metrics", sample, true},
+		{"POST", "/api/metrics", "[" + sample + "," + sample + "]", true},
+		{"GET", "/api/metrics/summary?metric_type=cpu", "", false},
+		{"GET", "/api/metrics/summary?metric_type=cpu&from=2025-01-01T00:00:00", "", false},
+		{"GET", "/health", "", false},
+	} {
+		start := time.Now()
+		r := send(t, tc.method, base+tc.path, "application/json", tc.body)
+		if d := time.Since(start); d > 2*time.Second {
+			t.Errorf("%s %s took %v with Redis down, want under 2s", tc.method, tc.path, d)
+		}
+		if r.status != 503 || r.header.Get("Content-Type") != "application/json" || r.json(t)["detail"] == nil {
+			t.Errorf("%s %s with Redis down = %d %q, want 503 JSON with a detail", tc.method, tc.path, r.status, r.body)
+		}
+		if tc.retryAfter && r.header.Get("Retry-After") == "" {
+			t.Errorf("%s %s with Redis down: no Retry-After", tc.method, tc.path)
+		}
+		if tc.path == "/health" && r.json(t)["status"] != "unavailable" {
+			t.Errorf("GET /health with Redis down = %s, want status unavailable", r.body)
+		}
+	}
+}

@@ -1,0 +1,130 @@
+package main
+
+import (
+	"context"
+	"crypto/sha1"
+	"encoding/hex"
+	"strings"
+	"time"
+
+	"github.com/gomodule/redigo/redis"
+)
+
+// redisPool is the one connection pool every Redis-backed component shares,
+// with the deadline that bounds each of their round trips.
+type redisPool struct {
+	*redis.Pool
+	timeout time.Duration
+}
+
+// maxRedisConns bounds the connections one instance opens. Requests beyond
+// it wait for a free connection, up to their deadline, instead of piling new
+// connections onto a Redis that is already slow.
+const maxRedisConns = 64
+
+func newRedisPool(cfg config) *redisPool {
+	opts := []redis.DialOption{
+		redis.DialConnectTimeout(cfg.RedisTimeout),
+		redis.DialReadTimeout(cfg.RedisTimeout),
+		redis.DialWriteTimeout(cfg.RedisTimeout),
+		redis.DialDatabase(cfg.RedisDB),
+	}
+	if cfg.RedisPassword != "" {
+		opts = append(opts, redis.DialPassword(cfg.RedisPassword))
+	}
+	if cfg.RedisUsername != "" {
+		opts = append(opts, redis.DialUsername(cfg.RedisUsername))
+	}
+	return &redisPool{
+		timeout: cfg.RedisTimeout,
+		Pool: &redis.Pool{
+			MaxActive:   maxRedisConns,
+			MaxIdle:     maxRedisConns,
+			IdleTimeout: 5 * time.Minute,
+			Wait:        true,
+			DialContext: func(ctx context.Context) (redis.Conn, error) {
+				return redis.DialContext(ctx, "tcp", cfg.RedisAddr, opts...)
+			},
+			// A connection that sat idle may point at a Redis that has
+			// since restarted; check it before use rather than fail the
+			// request that borrows it. Busy connections skip the check.
+			TestOnBorrowContext: func(ctx context.Context, c redis.Conn, lastUsed time.Time) error {
+				if time.Since(lastUsed) < time.Second {
+					return nil
+				}
+				_, err := redis.DoWithTimeout(c, cfg.RedisTimeout, "PING")
+				return err
+			},
+		},
+	}
+}
+
+// conn borrows a connection for one operation and returns the deadline that
+// operation must meet: REDIS_TIMEOUT from now, or sooner if ctx says so.
+func (p *redisPool) conn(ctx context.Context) (redis.Conn, time.Time, error) {
+	deadline := time.Now().Add(p.timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	c, err := p.GetContext(ctx)
+	return c, deadline, err
+}
+
+// do runs one command with a deadline. It uses the connection's own read
+// deadline rather than redis.DoContext, which spends a goroutine per call.
+func do(c redis.Conn, deadline time.Time, cmd string, args ...any) (any, error) {
+	left := time.Until(deadline)
+	if left <= 0 {
+		return nil, context.DeadlineExceeded
+	}
+	return redis.DoWithTimeout(c, left, cmd, args...)
+}
+
+// with borrows a connection, runs fn with it and the operation's deadline,
+// and returns the connection to the pool.
+func (p *redisPool) with(ctx context.Context, fn func(c redis.Conn, deadline time.Time) error) error {
+	c, deadline, err := p.conn(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return fn(c, deadline)
+}
+
+func (p *redisPool) ping(ctx context.Context) error {
+	return p.with(ctx, func(c redis.Conn, deadline time.Time) error {
+		_, err := do(c, deadline, "PING")
+		return err
+	})
+}
+
+// script is a Lua script run by its hash, loaded on first use and again
+// after a Redis restart has dropped it.
+type script struct {
+	src  string
+	hash string
+}
+
+func newScript(src string) *script {
+	h := sha1.Sum([]byte(src))
+	return &script{src: src, hash: hex.EncodeToString(h[:])}
+}
+
+// run evaluates the script. EVALSHA failing with NOSCRIPT did not run
+// anything, so falling back to EVAL cannot apply a write twice.
+func (s *script) run(c redis.Conn, deadline time.Time, keys []string, args ...any) (any, error) {
+	cmd := make([]any, 0, 2+len(keys)+len(args))
+	cmd = append(cmd, s.hash, len(keys))
+	for _, k := range keys {
+		cmd = append(cmd, k)
+	}
+	cmd = append(cmd, args...)
+	v, err := do(c, deadline, "EVALSHA", cmd...)
+	if err != nil && strings.HasPrefix(err.Error(), "NOSCRIPT") {
+		cmd[0] = s.src
+		v, err = do(c, deadline, "EVAL", cmd...)
+	}
+	return v, err
+}

@@ -1,0 +1,303 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gomodule/redigo/redis"
+)
+
+// sharedRedis is the Redis every Redis-backed test uses, each test under a
+// key prefix of its own: a redis-server this binary started, or REDIS_URL.
+// Its address is empty when neither is available.
+var sharedRedis struct {
+	addr string
+	url  string // REDIS_URL when that is what the tests use
+}
+
+func TestMain(m *testing.M) {
+	os.Exit(testMain(m))
+}
+
+func testMain(m *testing.M) int {
+	required := os.Getenv("REQUIRE_REDIS") == "1"
+	if u := os.Getenv("REDIS_URL"); u != "" {
+		cfg, err := loadConfig(func(k string) string { return map[string]string{"REDIS_URL": u}[k] })
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "REDIS_URL:", err)
+			return 1
+		}
+		sharedRedis.addr, sharedRedis.url = cfg.RedisAddr, u
+	} else if _, err := exec.LookPath("redis-server"); err == nil {
+		dir, err := os.MkdirTemp("", "redis-test-")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer os.RemoveAll(dir)
+		srv, err := startRedisServer(dir)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "starting redis-server:", err)
+			return 1
+		}
+		defer srv.kill()
+		sharedRedis.addr = srv.addr
+	} else if required {
+		fmt.Fprintln(os.Stderr, "REQUIRE_REDIS=1 but redis-server is not on PATH and REDIS_URL is not set")
+		return 1
+	}
+	return m.Run()
+}
+
+// needRedis skips a Redis test when no Redis is available, unless
+// REQUIRE_REDIS=1 makes that a failure (TestMain has already failed then).
+func needRedis(t testing.TB) {
+	t.Helper()
+	if sharedRedis.addr == "" {
+		if os.Getenv("REQUIRE_REDIS") == "1" {
+			t.Fatal("REQUIRE_REDIS=1 and no Redis is available")
+		}
+		t.Skip("no redis-server on PATH and no REDIS_URL: Redis half skipped")
+	}
+}
+
+// redisServer is a redis-server process a test started and owns.
+type redisServer struct {
+	addr string
+	dir  string
+	args []string
+	cmd  *exec.Cmd
+}
+
+// startRedisServer starts redis-server on a free loopback port with its
+// files in dir, and waits until it answers PING.
+func startRedisServer(dir string, extra ...string) (*redisServer, error) {
+	var lastErr error
+	for range 5 { // the free port can be taken between probe and start
+		port, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		s := &redisServer{addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), dir: dir, args: extra}
+		if lastErr = s.start(); lastErr == nil {
+			return s, nil
+		}
+	}
+	return nil, lastErr
+}
+
+func (s *redisServer) start() error {
+	_, port, _ := net.SplitHostPort(s.addr)
+	args := append([]string{
+		"--port", port, "--bind", "127.0.0.1", "--dir", s.dir,
+		"--save", "", "--appendonly", "no", "--protected-mode", "no",
+		"--logfile", filepath.Join(s.dir, "redis.log"),
+	}, s.args...)
+	s.cmd = exec.Command("redis-server", args...)
+	if err := s.cmd.Start(); err != nil {
+		return err
+	}
+	exited := make(chan struct{})
+	go func() { s.cmd.Wait(); close(exited) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case <-exited:
+			return errors.New("redis-server exited at start (port taken?)")
+		default:
+		}
+		if c, err := redis.Dial("tcp", s.addr, redis.DialConnectTimeout(100*time.Millisecond)); err == nil {
+			_, err = c.Do("PING")
+			c.Close()
+			if err == nil {
+				return nil
+			}
+		}
+		time.Sleep(10 * time.Millisecond) // polling for readiness, not for a result
+	}
+	s.cmd.Process.Kill()
+	return errors.New("redis-server did not answer PING within 10s")
+}
+
+// kill stops the server at once, as a crash would.
+func (s *redisServer) kill() {
+	if s.cmd != nil && s.cmd.Process != nil {
+		s.cmd.Process.Kill()
+		s.cmd.Process.Wait()
+	}
+}
+
+// restart starts the server again on the same port and directory.
+func (s *redisServer) restart(t testing.TB) {
+	t.Helper()
+	if err := s.start(); err != nil {
+		t.Fatalf("restarting redis-server: %v", err)
+	}
+}
+
+// startRedis starts a redis-server owned by one test and stopped after it.
+func startRedis(t testing.TB, extra ...string) *redisServer {
+	t.Helper()
+	needRedis(t)
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		t.Skip("this test starts and kills its own redis-server, which is not on PATH")
+	}
+	s, err := startRedisServer(t.TempDir(), extra...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.kill)
+	return s
+}
+
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+var prefixSeq atomic.Int64
+
+// testPrefix is a key prefix no other test in this run uses.
+func testPrefix() string {
+	return fmt.Sprintf("test%d-%d:", os.Getpid(), prefixSeq.Add(1))
+}
+
+// testConfig is the default configuration with Redis pointing at the shared
+// test server and short deadlines.
+func testConfig(t testing.TB) config {
+	t.Helper()
+	cfg, err := loadConfig(func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.RedisAddr = sharedRedis.addr
+	if sharedRedis.url != "" {
+		u, _ := loadConfig(func(k string) string { return map[string]string{"REDIS_URL": sharedRedis.url}[k] })
+		cfg.RedisDB, cfg.RedisUsername, cfg.RedisPassword = u.RedisDB, u.RedisUsername, u.RedisPassword
+	}
+	cfg.RedisTimeout = 300 * time.Millisecond
+	return cfg
+}
+
+// testPool opens a pool for cfg, closed and cleaned of prefix's keys after
+// the test.
+func testPool(t testing.TB, cfg config, prefix string) *redisPool {
+	t.Helper()
+	pool := newRedisPool(cfg)
+	t.Cleanup(func() {
+		deleteKeys(pool, prefix)
+		pool.Close()
+	})
+	return pool
+}
+
+func deleteKeys(pool *redisPool, prefix string) {
+	c := pool.Get()
+	defer c.Close()
+	cursor := "0"
+	for {
+		reply, err := redis.Values(c.Do("SCAN", cursor, "MATCH", prefix+"*", "COUNT", 1000))
+		if err != nil {
+			return
+		}
+		cursor, _ = redis.String(reply[0], nil)
+		keys, _ := redis.Strings(reply[1], nil)
+		for _, k := range keys {
+			c.Do("DEL", k)
+		}
+		if cursor == "0" {
+			return
+		}
+	}
+}
+
+// storeEnv is one store's backend for a test, with the means to open a
+// second instance over the same data (Redis only).
+type storeEnv struct {
+	name   string
+	cfg    config
+	b      backend
+	reopen func() backend // nil for memory: its data is the process's own
+	pool   *redisPool     // nil for memory
+	prefix string
+}
+
+// forEachStore runs fn as a subtest against the memory store and against
+// Redis. mutate adjusts the configuration both get.
+func forEachStore(t *testing.T, mutate func(*config), fn func(t *testing.T, e storeEnv)) {
+	t.Helper()
+	t.Run("memory", func(t *testing.T) {
+		cfg := testConfig(t)
+		if mutate != nil {
+			mutate(&cfg)
+		}
+		fn(t, storeEnv{name: "memory", cfg: cfg, b: newMemoryBackend(cfg, time.Now)})
+	})
+	t.Run("redis", func(t *testing.T) {
+		needRedis(t)
+		cfg := testConfig(t)
+		if mutate != nil {
+			mutate(&cfg)
+		}
+		prefix := testPrefix()
+		pool := testPool(t, cfg, prefix)
+		e := storeEnv{name: "redis", cfg: cfg, pool: pool, prefix: prefix}
+		e.b = newRedisBackend(pool, prefix, cfg, time.Now)
+		e.reopen = func() backend {
+			p := newRedisPool(cfg)
+			t.Cleanup(func() { p.Close() })
+			return newRedisBackend(p, prefix, cfg, time.Now)
+		}
+		fn(t, e)
+	})
+}
+
+func discardLogger() *slog.Logger {
+	return slog.New(slog.NewJSONHandler(io.Discard, nil))
+}
+
+func TestRedisPoolDeadline(t *testing.T) {
+	// A listener that accepts and never answers is a hung Redis.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+		}
+	}()
+	cfg := testConfig(t)
+	cfg.RedisAddr = ln.Addr().String()
+	cfg.RedisTimeout = 100 * time.Millisecond
+	pool := newRedisPool(cfg)
+	defer pool.Close()
+	start := time.Now()
+	err = pool.ping(context.Background())
+	if err == nil {
+		t.Fatal("ping of a hung Redis succeeded")
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("ping of a hung Redis took %v, want about REDIS_TIMEOUT (100ms)", d)
+	}
+}
