@@ -29,6 +29,10 @@ type config struct {
 	RateWindow          time.Duration
 	RateLimitFailClosed bool
 	TrustedProxies      []netip.Prefix
+	// LimiterTimeout is all the time the limiter may add to a request when
+	// its store hangs; past it the request fails open (or closed). It is
+	// not read from the environment: REDIS_TIMEOUT bounds the write itself.
+	LimiterTimeout time.Duration
 
 	CacheTTL time.Duration
 
@@ -62,6 +66,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		RateWindow:          p.duration("RATE_WINDOW", "60"),
 		RateLimitFailClosed: p.boolean("RATE_LIMIT_FAIL_CLOSED", "false"),
 		TrustedProxies:      p.prefixes("TRUSTED_PROXIES"),
+		LimiterTimeout:      100 * time.Millisecond,
 
 		CacheTTL: p.duration("CACHE_TTL", "300"),
 

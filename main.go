@@ -88,7 +88,9 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 type backend struct {
 	store     metricStore
 	summaries *summaryCache
+	limiter   limiter
 	ping      func(context.Context) error
+	now       func() time.Time
 }
 
 // openBackend builds the configured backend and returns the function that
@@ -113,7 +115,9 @@ func newMemoryBackend(cfg config, now func() time.Time) backend {
 	return backend{
 		store:     s,
 		summaries: newSummaryCache(s, newMemoryCacheStore(s, cfg.CacheTTL, now)),
+		limiter:   newMemoryLimiter(cfg.RateLimit, cfg.RateWindow),
 		ping:      func(context.Context) error { return nil },
+		now:       now,
 	}
 }
 
@@ -124,7 +128,9 @@ func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time
 	return backend{
 		store:     s,
 		summaries: newSummaryCache(s, newRedisCacheStore(pool, prefix, cfg.CacheTTL)),
+		limiter:   newRedisLimiter(pool, prefix, cfg.RateLimit, cfg.RateWindow),
 		ping:      pool.ping,
+		now:       now,
 	}
 }
 
@@ -132,7 +138,7 @@ func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time
 func newHandler(log *slog.Logger, cfg config, b backend) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /health", handleHealth(b.ping))
-	mux.Handle("POST /api/metrics", handleIngest(log, cfg, b.store))
+	mux.Handle("POST /api/metrics", rateLimited(log, cfg, b.limiter, b.now, handleIngest(log, cfg, b.store)))
 	mux.Handle("GET /api/metrics/summary", handleSummary(log, b.summaries))
 	return jsonFallbacks(mux)
 }

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -178,7 +179,7 @@ func testPrefix() string {
 }
 
 // testConfig is the default configuration with Redis pointing at the shared
-// test server and short deadlines.
+// test server, short deadlines and no effective rate limit.
 func testConfig(t testing.TB) config {
 	t.Helper()
 	cfg, err := loadConfig(func(string) string { return "" })
@@ -191,6 +192,7 @@ func testConfig(t testing.TB) config {
 		cfg.RedisDB, cfg.RedisUsername, cfg.RedisPassword = u.RedisDB, u.RedisUsername, u.RedisPassword
 	}
 	cfg.RedisTimeout = 300 * time.Millisecond
+	cfg.RateLimit = 1 << 30 // tests of the limiter set their own
 	return cfg
 }
 
@@ -231,11 +233,36 @@ func deleteKeys(pool *redisPool, prefix string) {
 type storeEnv struct {
 	name   string
 	cfg    config
+	clock  *fakeClock // every backend of the env reads time from it
 	b      backend
 	reopen func() backend // nil for memory: its data is the process's own
 	pool   *redisPool     // nil for memory
 	prefix string
 }
+
+// fakeClock is a clock that moves only when a test moves it.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newFakeClock(t time.Time) *fakeClock { return &fakeClock{t: t} }
+
+func (c *fakeClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+// testEpoch is where fake clocks start: the start of a rate-limit window
+// for any window length that divides a day.
+var testEpoch = time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
 
 // forEachStore runs fn as a subtest against the memory store and against
 // Redis. mutate adjusts the configuration both get.
@@ -246,7 +273,8 @@ func forEachStore(t *testing.T, mutate func(*config), fn func(t *testing.T, e st
 		if mutate != nil {
 			mutate(&cfg)
 		}
-		fn(t, storeEnv{name: "memory", cfg: cfg, b: newMemoryBackend(cfg, time.Now)})
+		clock := newFakeClock(testEpoch)
+		fn(t, storeEnv{name: "memory", cfg: cfg, clock: clock, b: newMemoryBackend(cfg, clock.now)})
 	})
 	t.Run("redis", func(t *testing.T) {
 		needRedis(t)
@@ -256,12 +284,13 @@ func forEachStore(t *testing.T, mutate func(*config), fn func(t *testing.T, e st
 		}
 		prefix := testPrefix()
 		pool := testPool(t, cfg, prefix)
-		e := storeEnv{name: "redis", cfg: cfg, pool: pool, prefix: prefix}
-		e.b = newRedisBackend(pool, prefix, cfg, time.Now)
+		clock := newFakeClock(testEpoch)
+		e := storeEnv{name: "redis", cfg: cfg, clock: clock, pool: pool, prefix: prefix}
+		e.b = newRedisBackend(pool, prefix, cfg, clock.now)
 		e.reopen = func() backend {
 			p := newRedisPool(cfg)
 			t.Cleanup(func() { p.Close() })
-			return newRedisBackend(p, prefix, cfg, time.Now)
+			return newRedisBackend(p, prefix, cfg, clock.now)
 		}
 		fn(t, e)
 	})

@@ -1,0 +1,256 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gomodule/redigo/redis"
+)
+
+// limiter is a fixed-window rate limiter: time is cut into windows of one
+// length aligned to the Unix epoch, and each client may make limit requests
+// per window. Every request counts, admitted or not. The window comes from
+// the time passed in, so the caller's clock decides it, and every instance
+// sharing one Redis agrees on it.
+type limiter interface {
+	allow(ctx context.Context, client string, now time.Time) (decision, error)
+}
+
+// decision is the limiter's answer for one request.
+type decision struct {
+	allowed   bool
+	limit     int
+	remaining int
+	reset     time.Duration // until the window ends
+}
+
+// windowOf returns the index of the window now falls in and the time left
+// in it.
+func windowOf(now time.Time, length time.Duration) (int64, time.Duration) {
+	ns := now.UnixNano()
+	idx := ns / int64(length)
+	if ns < 0 && ns%int64(length) != 0 {
+		idx-- // floor, not truncation, before 1970
+	}
+	return idx, time.Duration((idx+1)*int64(length) - ns)
+}
+
+// decide turns the n-th request of a window into a decision.
+func decide(n int64, limit int, reset time.Duration) decision {
+	return decision{
+		allowed:   n <= int64(limit),
+		limit:     limit,
+		remaining: int(max(0, int64(limit)-n)),
+		reset:     reset,
+	}
+}
+
+// rateLimited applies lim to next, before next reads the body, and sets
+// the X-RateLimit headers on every response. When the limiter's store
+// fails, the request goes on (failClosed false) or gets 503.
+func rateLimited(log *slog.Logger, cfg config, lim limiter, now func() time.Time, next http.Handler) http.Handler {
+	tooMany := []byte(`{"detail":"Too many requests"}` + "\n")
+	var lastLogged atomic.Int64
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t := now()
+		ctx, cancel := context.WithTimeout(r.Context(), cfg.LimiterTimeout)
+		d, err := lim.allow(ctx, clientKey(r, cfg.TrustedProxies), t)
+		cancel()
+		if err != nil {
+			// Logged at most once a second: during an outage every request
+			// fails the same way.
+			if sec := t.Unix(); lastLogged.Swap(sec) != sec {
+				log.Warn("rate limiter store unavailable", "err", err, "fail_closed", cfg.RateLimitFailClosed)
+			}
+			_, reset := windowOf(t, cfg.RateWindow)
+			// Nothing was counted, so the whole limit is shown as remaining.
+			d = decision{allowed: true, limit: cfg.RateLimit, remaining: cfg.RateLimit, reset: reset}
+		}
+		h := w.Header()
+		h.Set("X-RateLimit-Limit", strconv.Itoa(d.limit))
+		h.Set("X-RateLimit-Remaining", strconv.Itoa(d.remaining))
+		resetSecs := strconv.FormatInt(ceilSeconds(d.reset), 10)
+		h.Set("X-RateLimit-Reset", resetSecs)
+		switch {
+		case err != nil && cfg.RateLimitFailClosed:
+			h.Set("Retry-After", "1")
+			writeError(w, http.StatusServiceUnavailable, "rate limiter unavailable, try again shortly")
+		case !d.allowed:
+			h.Set("Retry-After", resetSecs)
+			writeRaw(w, http.StatusTooManyRequests, tooMany)
+		default:
+			next.ServeHTTP(w, r)
+		}
+	})
+}
+
+// ceilSeconds rounds up, and to at least 1, so a client that waits that
+// long is always in the next window.
+func ceilSeconds(d time.Duration) int64 {
+	return max(1, int64((d+time.Second-1)/time.Second))
+}
+
+// clientKey is who a request counts against: the TCP peer, or, when the
+// peer is a trusted proxy, the first untrusted address of X-Forwarded-For
+// read from the right. An IPv6 client counts as its /64, since one host
+// commonly holds a whole /64; an IPv4-mapped address as the IPv4 one.
+func clientKey(r *http.Request, trusted []netip.Prefix) string {
+	peer, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr // not TCP (a test's fake address): use it as is
+	}
+	client := peer.Addr().Unmap()
+	if inAny(client, trusted) {
+		client = forwardedClient(r.Header.Values("X-Forwarded-For"), trusted, client)
+	}
+	if client.Is6() {
+		p, _ := client.Prefix(64)
+		return p.String()
+	}
+	return client.String()
+}
+
+// forwardedClient walks X-Forwarded-For from the right, past trusted hops,
+// to the first untrusted address. An entry that does not parse means the
+// header cannot be believed, so the peer itself is the client. When every
+// hop is trusted, the leftmost is the client.
+func forwardedClient(headers []string, trusted []netip.Prefix, peer netip.Addr) netip.Addr {
+	var hops []string
+	for _, h := range headers {
+		hops = append(hops, strings.Split(h, ",")...)
+	}
+	client := peer
+	for i := len(hops) - 1; i >= 0; i-- {
+		addr, ok := parseHop(strings.TrimSpace(hops[i]))
+		if !ok {
+			return peer
+		}
+		client = addr
+		if !inAny(addr, trusted) {
+			break
+		}
+	}
+	return client
+}
+
+// parseHop reads one X-Forwarded-For entry: an address, possibly with a
+// port ("1.2.3.4:5678", "[2001:db8::1]:443").
+func parseHop(s string) (netip.Addr, bool) {
+	if a, err := netip.ParseAddr(s); err == nil {
+		return a.Unmap(), true
+	}
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return ap.Addr().Unmap(), true
+	}
+	return netip.Addr{}, false
+}
+
+func inAny(a netip.Addr, prefixes []netip.Prefix) bool {
+	for _, p := range prefixes {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// ---- memory ----
+
+// memoryLimiter counts each client's requests in the current window with an
+// atomic counter, so concurrent requests are admitted exactly. Counters of
+// past windows are dropped once per window.
+type memoryLimiter struct {
+	limit  int
+	window time.Duration
+
+	counts sync.Map // limiterKey -> *atomic.Int64
+	swept  atomic.Int64
+}
+
+type limiterKey struct {
+	client string
+	window int64
+}
+
+func newMemoryLimiter(limit int, window time.Duration) *memoryLimiter {
+	return &memoryLimiter{limit: limit, window: window}
+}
+
+func (m *memoryLimiter) allow(_ context.Context, client string, now time.Time) (decision, error) {
+	idx, reset := windowOf(now, m.window)
+	m.sweep(idx)
+	k := limiterKey{client, idx}
+	v, ok := m.counts.Load(k)
+	if !ok {
+		v, _ = m.counts.LoadOrStore(k, new(atomic.Int64))
+	}
+	return decide(v.(*atomic.Int64).Add(1), m.limit, reset), nil
+}
+
+// sweep drops the counters of windows before idx, the first time a request
+// of window idx arrives.
+func (m *memoryLimiter) sweep(idx int64) {
+	prev := m.swept.Load()
+	if prev >= idx || !m.swept.CompareAndSwap(prev, idx) {
+		return
+	}
+	m.counts.Range(func(k, _ any) bool {
+		if k.(limiterKey).window < idx {
+			m.counts.Delete(k)
+		}
+		return true
+	})
+}
+
+// ---- Redis ----
+
+// redisLimiter keeps one counter per client and window, created with its
+// expiry in the same script call, so no key can outlive its window for
+// long, whatever fails between calls.
+type redisLimiter struct {
+	pool   *redisPool
+	prefix string
+	limit  int
+	window time.Duration
+}
+
+func newRedisLimiter(pool *redisPool, prefix string, limit int, window time.Duration) *redisLimiter {
+	return &redisLimiter{pool: pool, prefix: prefix, limit: limit, window: window}
+}
+
+// limitScript counts one request. KEYS[1]: the counter; ARGV[1]: its TTL in
+// milliseconds. The PTTL check repairs a counter that somehow lost its
+// expiry.
+var limitScript = newScript(`
+local n = redis.call('INCR', KEYS[1])
+if n == 1 or redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return n
+`)
+
+// limiterClockSkew keeps a counter a little past its window's end, so an
+// instance whose clock runs behind still finds it.
+const limiterClockSkew = time.Second
+
+func (l *redisLimiter) key(client string, idx int64) string {
+	return l.prefix + "rl:{" + client + "}:" + strconv.FormatInt(idx, 10)
+}
+
+func (l *redisLimiter) allow(ctx context.Context, client string, now time.Time) (d decision, err error) {
+	idx, reset := windowOf(now, l.window)
+	ttl := (reset + limiterClockSkew).Milliseconds()
+	err = l.pool.with(ctx, func(c redis.Conn, deadline time.Time) error {
+		n, err := redis.Int64(limitScript.run(c, deadline, []string{l.key(client, idx)}, ttl))
+		d = decide(n, l.limit, reset)
+		return err
+	})
+	return d, err
+}
