@@ -140,6 +140,15 @@ func newHandler(log *slog.Logger, cfg config, b backend) http.Handler {
 	mux.Handle("GET /health", handleHealth(b.ping))
 	mux.Handle("POST /api/metrics", rateLimited(log, cfg, b.limiter, b.now, handleIngest(log, cfg, b.store)))
 	mux.Handle("GET /api/metrics/summary", handleSummary(log, b.summaries))
+	// The breaker is per process whatever STORE is, like every mainstream
+	// breaker: it reacts to what this instance sees of the service.
+	brk := newBreaker(breakerSettings{
+		threshold:    cfg.BreakerThreshold,
+		resetTimeout: cfg.BreakerResetTimeout,
+		now:          b.now,
+		log:          log,
+	})
+	mux.Handle("GET /external", handleExternal(log, brk, newExternalService(cfg), cfg.ExternalTimeout))
 	return jsonFallbacks(mux)
 }
 
