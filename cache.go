@@ -220,7 +220,7 @@ func (r *redisCacheStore) key(typ string, w window) string {
 }
 
 func (r *redisCacheStore) get(ctx context.Context, typ string, w window) (version uint64, e cacheEntry, ok bool, err error) {
-	err = r.pool.with(ctx, func(c redis.Conn, deadline time.Time) error {
+	err = r.pool.with(ctx, "cache_get", func(c redis.Conn, deadline time.Time) error {
 		c.Send("HGET", typeKey(r.prefix, typ, "agg"), "ver")
 		c.Send("GET", r.key(typ, w))
 		replies, err := redis.Values(do(c, deadline, ""))
@@ -251,7 +251,7 @@ func (r *redisCacheStore) get(ctx context.Context, typ string, w window) (versio
 func (r *redisCacheStore) put(ctx context.Context, typ string, w window, e cacheEntry) error {
 	val := strconv.AppendUint(make([]byte, 0, 24+len(e.body)), e.version, 10)
 	val = append(append(val, ' '), e.body...)
-	return r.pool.with(ctx, func(c redis.Conn, deadline time.Time) error {
+	return r.pool.with(ctx, "cache_put", func(c redis.Conn, deadline time.Time) error {
 		_, err := do(c, deadline, "SET", r.key(typ, w), val, "PX", max(r.ttl.Milliseconds(), 1))
 		return err
 	})

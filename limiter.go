@@ -55,7 +55,7 @@ func decide(n int64, limit int, reset time.Duration) decision {
 // rateLimited applies lim to next, before next reads the body, and sets
 // the X-RateLimit headers on every response. When the limiter's store
 // fails, the request goes on (failClosed false) or gets 503.
-func rateLimited(log *slog.Logger, cfg config, lim limiter, now func() time.Time, next http.Handler) http.Handler {
+func rateLimited(log *slog.Logger, cfg config, tel *telemetry, lim limiter, now func() time.Time, next http.Handler) http.Handler {
 	tooMany := []byte(`{"detail":"Too many requests"}` + "\n")
 	var lastLogged atomic.Int64
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -64,6 +64,7 @@ func rateLimited(log *slog.Logger, cfg config, lim limiter, now func() time.Time
 		d, err := lim.allow(ctx, clientKey(r, cfg.TrustedProxies), t)
 		cancel()
 		if err != nil {
+			tel.rateLimitStoreErrs.Add(1)
 			// Logged at most once a second: during an outage every request
 			// fails the same way.
 			if sec := t.Unix(); lastLogged.Swap(sec) != sec {
@@ -83,6 +84,7 @@ func rateLimited(log *slog.Logger, cfg config, lim limiter, now func() time.Time
 			h.Set("Retry-After", "1")
 			writeError(w, http.StatusServiceUnavailable, "rate limiter unavailable, try again shortly")
 		case !d.allowed:
+			tel.rateLimitRejected.Add(1)
 			h.Set("Retry-After", resetSecs)
 			writeRaw(w, http.StatusTooManyRequests, tooMany)
 		default:
@@ -247,7 +249,7 @@ func (l *redisLimiter) key(client string, idx int64) string {
 func (l *redisLimiter) allow(ctx context.Context, client string, now time.Time) (d decision, err error) {
 	idx, reset := windowOf(now, l.window)
 	ttl := (reset + limiterClockSkew).Milliseconds()
-	err = l.pool.with(ctx, func(c redis.Conn, deadline time.Time) error {
+	err = l.pool.with(ctx, "ratelimit", func(c redis.Conn, deadline time.Time) error {
 		n, err := redis.Int64(limitScript.run(c, deadline, []string{l.key(client, idx)}, ttl))
 		d = decide(n, l.limit, reset)
 		return err

@@ -366,7 +366,7 @@ func TestLimiterHungStoreAddsOnlyItsDeadline(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.RedisAddr = ln.Addr().String()
 	cfg.RedisTimeout = 3 * time.Second
-	pool := newRedisPool(cfg)
+	pool := newRedisPool(cfg, nil)
 	t.Cleanup(func() { pool.Close() })
 	b := newMemoryBackend(cfg, time.Now)
 	b.limiter = newRedisLimiter(pool, "", cfg.RateLimit, cfg.RateWindow)

@@ -22,6 +22,13 @@ import (
 )
 
 func main() {
+	if len(os.Args) == 2 && os.Args[1] == "-healthcheck" {
+		if err := healthcheck(os.Getenv); err != nil {
+			fmt.Fprintln(os.Stderr, "unhealthy:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(context.Background(), os.Getenv, os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "analytics:", err)
 		os.Exit(1)
@@ -45,7 +52,8 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	}
 	log := slog.New(slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel}))
 
-	b, closeBackend, err := openBackend(cfg, log)
+	tel := newTelemetry()
+	b, closeBackend, err := openBackend(cfg, tel, log)
 	if err != nil {
 		return err
 	}
@@ -56,7 +64,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		return err
 	}
 	srv := &http.Server{
-		Handler:           newHandler(log, cfg, b),
+		Handler:           newHandler(log, cfg, tel, b),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      15 * time.Second,
@@ -96,10 +104,10 @@ type backend struct {
 // openBackend builds the configured backend and returns the function that
 // releases it. With Redis it does not wait for Redis to be reachable: the
 // pool dials on demand, so the service answers 503 until Redis is up.
-func openBackend(cfg config, log *slog.Logger) (backend, func(), error) {
+func openBackend(cfg config, tel *telemetry, log *slog.Logger) (backend, func(), error) {
 	switch cfg.Store {
 	case "redis":
-		pool := newRedisPool(cfg)
+		pool := newRedisPool(cfg, tel)
 		return newRedisBackend(pool, "", cfg, time.Now), func() {
 			if err := pool.Close(); err != nil {
 				log.Warn("closing redis pool", "err", err)
@@ -135,11 +143,7 @@ func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time
 }
 
 // newHandler lists every route in one place.
-func newHandler(log *slog.Logger, cfg config, b backend) http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("GET /health", handleHealth(b.ping))
-	mux.Handle("POST /api/metrics", rateLimited(log, cfg, b.limiter, b.now, handleIngest(log, cfg, b.store)))
-	mux.Handle("GET /api/metrics/summary", handleSummary(log, b.summaries))
+func newHandler(log *slog.Logger, cfg config, tel *telemetry, b backend) http.Handler {
 	// The breaker is per process whatever STORE is, like every mainstream
 	// breaker: it reacts to what this instance sees of the service.
 	brk := newBreaker(breakerSettings{
@@ -147,9 +151,19 @@ func newHandler(log *slog.Logger, cfg config, b backend) http.Handler {
 		resetTimeout: cfg.BreakerResetTimeout,
 		now:          b.now,
 		log:          log,
+		onTransition: tel.transition,
 	})
-	mux.Handle("GET /external", handleExternal(log, brk, newExternalService(cfg), cfg.ExternalTimeout))
-	return jsonFallbacks(mux)
+	mux := http.NewServeMux()
+	handle := func(pattern string, h http.Handler) {
+		tel.addRoute(pattern)
+		mux.Handle(pattern, h)
+	}
+	handle("GET /health", handleHealth(b.ping))
+	handle("POST /api/metrics", rateLimited(log, cfg, tel, b.limiter, b.now, handleIngest(log, cfg, tel, b.store)))
+	handle("GET /api/metrics/summary", handleSummary(log, b.summaries))
+	handle("GET /external", handleExternal(log, brk, newExternalService(cfg), cfg.ExternalTimeout))
+	handle("GET /metrics", handleMetrics(tel, b.summaries, brk))
+	return instrument(log, tel, mux)
 }
 
 func handleHealth(ping func(context.Context) error) http.Handler {
@@ -164,44 +178,6 @@ func handleHealth(ping func(context.Context) error) http.Handler {
 		}
 		writeRaw(w, http.StatusOK, ok)
 	})
-}
-
-// jsonFallbacks rewrites the plain-text 404 and 405 answers of ServeMux as
-// JSON errors, keeping the Allow header the mux sets on a 405.
-func jsonFallbacks(mux *http.ServeMux) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		h, pattern := mux.Handler(r)
-		if pattern == "" {
-			w = &fallbackWriter{ResponseWriter: w}
-		}
-		h.ServeHTTP(w, r)
-	})
-}
-
-type fallbackWriter struct {
-	http.ResponseWriter
-	rewritten bool
-}
-
-func (f *fallbackWriter) WriteHeader(code int) {
-	if code != http.StatusNotFound && code != http.StatusMethodNotAllowed {
-		f.ResponseWriter.WriteHeader(code)
-		return
-	}
-	f.rewritten = true
-	f.Header().Del("X-Content-Type-Options")
-	detail := "not found"
-	if code == http.StatusMethodNotAllowed {
-		detail = "method not allowed"
-	}
-	writeError(f.ResponseWriter, code, detail)
-}
-
-func (f *fallbackWriter) Write(p []byte) (int, error) {
-	if f.rewritten {
-		return len(p), nil // the plain-text body is replaced by the JSON one
-	}
-	return f.ResponseWriter.Write(p)
 }
 
 // writeJSON answers with v as JSON. Encoding errors can only come from the

@@ -65,7 +65,7 @@ func get(t testing.TB, url string) response {
 // serve runs the service's handler over b on a loopback test server.
 func serve(t testing.TB, cfg config, b backend) string {
 	t.Helper()
-	srv := httptest.NewServer(newHandler(discardLogger(), cfg, b))
+	srv := httptest.NewServer(newHandler(discardLogger(), cfg, newTelemetry(), b))
 	t.Cleanup(srv.Close)
 	return srv.URL
 }

@@ -69,7 +69,7 @@ var (
 	storedOne = []byte(`{"message":"Metric stored successfully"}` + "\n")
 )
 
-func handleIngest(log *slog.Logger, cfg config, store metricStore) http.Handler {
+func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStore) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		samples, batch, err := readSamples(w, r, cfg)
 		if err == nil {
@@ -82,6 +82,7 @@ func handleIngest(log *slog.Logger, cfg config, store metricStore) http.Handler 
 			writeFailure(w, r, log, err)
 			return
 		}
+		tel.ingested.Add(uint64(len(samples)))
 		if !batch {
 			writeRaw(w, http.StatusCreated, storedOne)
 			return
@@ -573,7 +574,7 @@ func (s *redisStore) add(ctx context.Context, samples []sample) error {
 			args = append(args, smp.at, strconv.FormatFloat(smp.value, 'g', -1, 64))
 		}
 	}
-	return s.pool.with(ctx, func(c redis.Conn, deadline time.Time) error {
+	return s.pool.with(ctx, "ingest", func(c redis.Conn, deadline time.Time) error {
 		_, err := ingestScript.run(c, deadline, keys, args...)
 		if err != nil && strings.Contains(err.Error(), "TOOMANYTYPES") {
 			return errTooManyTypes
@@ -583,7 +584,7 @@ func (s *redisStore) add(ctx context.Context, samples []sample) error {
 }
 
 func (s *redisStore) summarize(ctx context.Context, typ string, w window) (st stats, version uint64, err error) {
-	err = s.pool.with(ctx, func(c redis.Conn, deadline time.Time) error {
+	err = s.pool.with(ctx, "summary", func(c redis.Conn, deadline time.Time) error {
 		if w == allTime {
 			vals, err := redis.Strings(do(c, deadline, "HMGET", s.aggKey(typ), "ver", "count", "sum", "min", "max"))
 			if err != nil {

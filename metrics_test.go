@@ -404,7 +404,7 @@ func TestStoreHung(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.RedisAddr = ln.Addr().String()
 	cfg.RedisTimeout = 500 * time.Millisecond // the default
-	pool := newRedisPool(cfg)
+	pool := newRedisPool(cfg, nil)
 	t.Cleanup(func() { pool.Close() })
 	base := serve(t, cfg, newRedisBackend(pool, "", cfg, time.Now))
 	expectUnavailable(t, base, `{"timestamp":"2025-01-01T10:00:00","value":7,"type":"cpu"}`)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha1"
 	"encoding/hex"
+	"errors"
 	"strings"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 type redisPool struct {
 	*redis.Pool
 	timeout time.Duration
+	tel     *telemetry // counts failed operations; nil counts nothing
 }
 
 // maxRedisConns bounds the connections one instance opens. Requests beyond
@@ -22,7 +24,7 @@ type redisPool struct {
 // connections onto a Redis that is already slow.
 const maxRedisConns = 64
 
-func newRedisPool(cfg config) *redisPool {
+func newRedisPool(cfg config, tel *telemetry) *redisPool {
 	opts := []redis.DialOption{
 		redis.DialConnectTimeout(cfg.RedisTimeout),
 		redis.DialReadTimeout(cfg.RedisTimeout),
@@ -37,6 +39,7 @@ func newRedisPool(cfg config) *redisPool {
 	}
 	return &redisPool{
 		timeout: cfg.RedisTimeout,
+		tel:     tel,
 		Pool: &redis.Pool{
 			MaxActive:   maxRedisConns,
 			MaxIdle:     maxRedisConns,
@@ -83,18 +86,22 @@ func do(c redis.Conn, deadline time.Time, cmd string, args ...any) (any, error) 
 }
 
 // with borrows a connection, runs fn with it and the operation's deadline,
-// and returns the connection to the pool.
-func (p *redisPool) with(ctx context.Context, fn func(c redis.Conn, deadline time.Time) error) error {
+// and returns the connection to the pool. A failure is counted under op,
+// unless it is a refusal the store meant (errTooManyTypes).
+func (p *redisPool) with(ctx context.Context, op string, fn func(c redis.Conn, deadline time.Time) error) error {
 	c, deadline, err := p.conn(ctx)
-	if err != nil {
-		return err
+	if err == nil {
+		err = fn(c, deadline)
+		c.Close()
 	}
-	defer c.Close()
-	return fn(c, deadline)
+	if err != nil && !errors.Is(err, errTooManyTypes) {
+		p.tel.storeError(op)
+	}
+	return err
 }
 
 func (p *redisPool) ping(ctx context.Context) error {
-	return p.with(ctx, func(c redis.Conn, deadline time.Time) error {
+	return p.with(ctx, "ping", func(c redis.Conn, deadline time.Time) error {
 		_, err := do(c, deadline, "PING")
 		return err
 	})

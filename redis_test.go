@@ -200,7 +200,7 @@ func testConfig(t testing.TB) config {
 // the test.
 func testPool(t testing.TB, cfg config, prefix string) *redisPool {
 	t.Helper()
-	pool := newRedisPool(cfg)
+	pool := newRedisPool(cfg, nil)
 	t.Cleanup(func() {
 		deleteKeys(pool, prefix)
 		pool.Close()
@@ -288,7 +288,7 @@ func forEachStore(t *testing.T, mutate func(*config), fn func(t *testing.T, e st
 		e := storeEnv{name: "redis", cfg: cfg, clock: clock, pool: pool, prefix: prefix}
 		e.b = newRedisBackend(pool, prefix, cfg, clock.now)
 		e.reopen = func() backend {
-			p := newRedisPool(cfg)
+			p := newRedisPool(cfg, nil)
 			t.Cleanup(func() { p.Close() })
 			return newRedisBackend(p, prefix, cfg, clock.now)
 		}
@@ -319,7 +319,7 @@ func TestRedisPoolDeadline(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.RedisAddr = ln.Addr().String()
 	cfg.RedisTimeout = 100 * time.Millisecond
-	pool := newRedisPool(cfg)
+	pool := newRedisPool(cfg, nil)
 	defer pool.Close()
 	start := time.Now()
 	err = pool.ping(context.Background())
