@@ -143,8 +143,11 @@ func forwardedClient(headers []string, trusted []netip.Prefix, peer netip.Addr) 
 }
 
 // parseHop reads one X-Forwarded-For entry: an address, possibly with a
-// port ("1.2.3.4:5678", "[2001:db8::1]:443").
+// port ("1.2.3.4:5678", "[2001:db8::1]:443") or brackets ("[2001:db8::1]").
 func parseHop(s string) (netip.Addr, bool) {
+	if len(s) > 2 && s[0] == '[' && s[len(s)-1] == ']' {
+		s = s[1 : len(s)-1]
+	}
 	if a, err := netip.ParseAddr(s); err == nil {
 		return a.Unmap(), true
 	}

@@ -222,6 +222,8 @@ func TestClientKey(t *testing.T) {
 		{"10.0.0.1:80", []string{"9.9.9.9:1234"}, "9.9.9.9"},
 		{"10.0.0.1:80", []string{"::ffff:9.9.9.9"}, "9.9.9.9"},
 		{"10.0.0.1:80", []string{"[2001:db8::5]:443"}, "2001:db8::/64"},
+		{"10.0.0.1:80", []string{"[2001:db8::5]"}, "2001:db8::/64"},
+		{"10.0.0.1:80", []string{"[2001:db8::5"}, "10.0.0.1"},
 		{"[fd00::1]:80", []string{"2001:db8:0:1::7"}, "2001:db8:0:1::/64"},
 		{"[::ffff:10.0.0.1]:80", []string{"9.9.9.9"}, "9.9.9.9"}, // a mapped peer is trusted as IPv4
 	} {
@@ -366,6 +368,7 @@ func TestLimiterHungStoreAddsOnlyItsDeadline(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.RedisAddr = ln.Addr().String()
 	cfg.RedisTimeout = 3 * time.Second
+	cfg.LimiterTimeout = 100 * time.Millisecond // the default
 	pool := newRedisPool(cfg, nil)
 	t.Cleanup(func() { pool.Close() })
 	b := newMemoryBackend(cfg, time.Now)

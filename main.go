@@ -61,7 +61,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
-		return err
+		return fmt.Errorf("ADDR=%q: %w", cfg.Addr, err)
 	}
 	srv := &http.Server{
 		Handler:           newHandler(log, cfg, tel, b),
@@ -158,25 +158,35 @@ func newHandler(log *slog.Logger, cfg config, tel *telemetry, b backend) http.Ha
 		tel.addRoute(pattern)
 		mux.Handle(pattern, h)
 	}
-	handle("GET /health", handleHealth(b.ping))
+	handle("GET /health", handleHealth(log, b.ping))
 	handle("POST /api/metrics", rateLimited(log, cfg, tel, b.limiter, b.now, handleIngest(log, cfg, tel, b.store)))
 	handle("GET /api/metrics/summary", handleSummary(log, b.summaries))
 	handle("GET /external", handleExternal(log, brk, newExternalService(cfg), cfg.ExternalTimeout))
+	// GET patterns also match HEAD, and a HEAD must not call the service
+	// and move the breaker.
+	handle("HEAD /external", methodNotAllowed("GET"))
 	handle("GET /metrics", handleMetrics(tel, b.summaries, brk))
 	return instrument(log, tel, mux)
 }
 
-func handleHealth(ping func(context.Context) error) http.Handler {
+func handleHealth(log *slog.Logger, ping func(context.Context) error) http.Handler {
 	ok := []byte(`{"status":"ok"}` + "\n")
+	down := []byte(`{"status":"unavailable","detail":"store unavailable"}` + "\n")
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if err := ping(r.Context()); err != nil {
-			writeJSON(w, http.StatusServiceUnavailable, map[string]string{
-				"status": "unavailable",
-				"detail": "store unavailable: " + err.Error(),
-			})
+			// The cause (addresses, errors) goes to the log, not to callers.
+			log.Warn("health check failed", "err", err)
+			writeRaw(w, http.StatusServiceUnavailable, down)
 			return
 		}
 		writeRaw(w, http.StatusOK, ok)
+	})
+}
+
+func methodNotAllowed(allow string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Allow", allow)
+		writeError(w, http.StatusMethodNotAllowed, "method not allowed")
 	})
 }
 

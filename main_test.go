@@ -141,8 +141,10 @@ func TestRunRejectsBadConfig(t *testing.T) {
 		{"MAX_BODY_BYTES", "-1"},
 		{"LOG_LEVEL", "loud"},
 		{"RATE_LIMIT_FAIL_CLOSED", "perhaps"},
+		{"ADDR", "notanaddr"},
 	} {
-		env := map[string]string{"ADDR": "127.0.0.1:0", tc.name: tc.value}
+		env := map[string]string{"ADDR": "127.0.0.1:0"}
+		env[tc.name] = tc.value
 		err := run(context.Background(), func(k string) string { return env[k] }, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), tc.name) {
 			t.Errorf("run with %s=%q = %v, want an error naming %s", tc.name, tc.value, err, tc.name)
@@ -209,6 +211,23 @@ func TestConfigRedisURL(t *testing.T) {
 	}
 }
 
+func TestUncleanPathRedirectsInJSON(t *testing.T) {
+	cfg := testConfig(t)
+	base := serve(t, cfg, newMemoryBackend(cfg, time.Now))
+	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	res, err := client.Get(base + "//health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	var body errorBody
+	if res.StatusCode/100 != 3 || res.Header.Get("Location") != "/health" ||
+		res.Header.Get("Content-Type") != "application/json" || json.NewDecoder(res.Body).Decode(&body) != nil || body.Detail == "" {
+		t.Errorf("GET //health = %d Location %q %s, want a redirect to /health with a JSON detail",
+			res.StatusCode, res.Header.Get("Location"), res.Header.Get("Content-Type"))
+	}
+}
+
 func TestUnknownRouteAndMethod(t *testing.T) {
 	cfg := testConfig(t)
 	base := serve(t, cfg, newMemoryBackend(cfg, time.Now))
@@ -222,7 +241,15 @@ func TestUnknownRouteAndMethod(t *testing.T) {
 		{"GET", "/api/metrics", 405, "method not allowed", "POST"},
 		{"DELETE", "/health", 405, "method not allowed", "GET, HEAD"},
 		{"POST", "/api/metrics/summary", 405, "method not allowed", "GET, HEAD"},
+		{"HEAD", "/external", 405, "", "GET"}, // a HEAD must not call the service
 	} {
+		if tc.method == "HEAD" {
+			r := send(t, tc.method, base+tc.path, "", "")
+			if r.status != tc.status || r.header.Get("Allow") != tc.allow {
+				t.Errorf("%s %s = %d Allow %q, want %d Allow %q", tc.method, tc.path, r.status, r.header.Get("Allow"), tc.status, tc.allow)
+			}
+			continue
+		}
 		r := send(t, tc.method, base+tc.path, "", "")
 		if r.status != tc.status || r.header.Get("Content-Type") != "application/json" || r.json(t)["detail"] != tc.detail {
 			t.Errorf("%s %s = %d %s %q, want %d application/json detail %q", tc.method, tc.path,

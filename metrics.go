@@ -61,7 +61,11 @@ type metricStore interface {
 	summarize(ctx context.Context, typ string, w window) (stats, uint64, error)
 }
 
-var errTooManyTypes = errors.New("too many metric types")
+// tooManyTypesError refuses an ingest that would create a metric type
+// beyond MAX_TYPES; typ is the first such type, in name order.
+type tooManyTypesError struct{ typ string }
+
+func (e *tooManyTypesError) Error() string { return "too many metric types: " + e.typ }
 
 // ---- HTTP handlers ----
 
@@ -75,8 +79,9 @@ func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStor
 		if err == nil {
 			err = store.add(r.Context(), samples)
 		}
-		if errors.Is(err, errTooManyTypes) {
-			err = unprocessable("type: the limit of %d distinct metric types is reached; new types are refused", cfg.MaxTypes)
+		if tm := (*tooManyTypesError)(nil); errors.As(err, &tm) {
+			err = unprocessable("%stype %q is new, and the limit of %d distinct metric types is reached",
+				itemPrefix(samples, batch, tm.typ), tm.typ, cfg.MaxTypes)
 		}
 		if err != nil {
 			writeFailure(w, r, log, err)
@@ -92,6 +97,20 @@ func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStor
 			Count   int    `json:"count"`
 		}{"Metrics stored successfully", len(samples)})
 	})
+}
+
+// itemPrefix names the first sample of type typ, for messages about a
+// batch.
+func itemPrefix(samples []sample, batch bool, typ string) string {
+	if !batch {
+		return ""
+	}
+	for i, s := range samples {
+		if s.typ == typ {
+			return fmt.Sprintf("item %d: ", i)
+		}
+	}
+	return ""
 }
 
 func handleSummary(log *slog.Logger, summaries *summaryCache) http.Handler {
@@ -219,13 +238,17 @@ func parseSample(raw []byte) (sample, error) {
 	if err != nil {
 		return sample{}, fmt.Errorf("timestamp %w", err)
 	}
-	if v := *in.Value; math.IsNaN(v) || math.Abs(v) > maxAbsValue {
+	v := *in.Value
+	if math.IsNaN(v) || math.Abs(v) > maxAbsValue {
 		return sample{}, fmt.Errorf("value must be a finite number of magnitude at most %g", maxAbsValue)
+	}
+	if v == 0 {
+		v = 0 // -0 is stored as 0, so a minimum never reads "-0"
 	}
 	if err := validType(*in.Type); err != nil {
 		return sample{}, err
 	}
-	return sample{typ: *in.Type, at: at, value: *in.Value}, nil
+	return sample{typ: *in.Type, at: at, value: v}, nil
 }
 
 // Timestamps are kept to the microsecond, which Redis sorted-set scores (a
@@ -236,10 +259,12 @@ var (
 )
 
 // parseTimestamp accepts RFC 3339 with or without a zone; no zone means UTC.
+// RFC 3339 allows a lowercase "t" and "z", which Go's layout does not.
 func parseTimestamp(s string) (int64, error) {
-	t, err := time.Parse(time.RFC3339Nano, s)
+	u := strings.ToUpper(s)
+	t, err := time.Parse(time.RFC3339Nano, u)
 	if err != nil {
-		t, err = time.ParseInLocation("2006-01-02T15:04:05.999999999", s, time.UTC)
+		t, err = time.ParseInLocation("2006-01-02T15:04:05.999999999", u, time.UTC)
 	}
 	if err != nil {
 		return 0, fmt.Errorf("must be RFC 3339, such as 2025-01-01T10:00:00Z or 2025-01-01T10:00:00 (UTC); got %q", truncate(s, 40))
@@ -438,7 +463,7 @@ func (m *memoryStore) seriesFor(groups [][]sample) ([]*series, error) {
 		}
 	}
 	if m.types+len(fresh) > m.maxTypes {
-		return nil, errTooManyTypes
+		return nil, &tooManyTypesError{groups[fresh[0]][0].typ}
 	}
 	for _, i := range fresh {
 		out[i] = &series{sorted: true}
@@ -517,21 +542,34 @@ func typeKey(prefix, typ, kind string) string {
 
 // ingestScript applies a whole ingest, every type of it, in one atomic step.
 // KEYS: the type-name set, then per type its agg hash and its sample set.
-// ARGV: MAX_TYPES, then per type its name, its sample count n, and n pairs
-// of timestamp and value. A sample's member in the sorted set is its value
-// and its sequence number in the type, so equal samples stay distinct; the
-// sequence number is also the type's version.
+// ARGV: MAX_TYPES, the fence (Unix microseconds), then per type its name,
+// its sample count n, and n pairs of timestamp and value. A sample's member
+// in the sorted set is its value and its sequence number in the type, so
+// equal samples stay distinct; the sequence number is also the type's
+// version.
+//
+// The fence keeps a 503 honest: a script that reaches Redis after the
+// service has given up on it (Redis stalled, or the network) stores
+// nothing, instead of storing samples the client was told were not stored.
 var ingestScript = newScript(`
+redis.replicate_commands()
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[2]) then
+  return redis.error_reply('FENCED ingest reached Redis after its deadline')
+end
 local maxTypes = tonumber(ARGV[1])
-local new, a = 0, 2
+local new, firstNew, a = 0, nil, 3
 for k = 2, #KEYS, 2 do
-  if redis.call('SISMEMBER', KEYS[1], ARGV[a]) == 0 then new = new + 1 end
+  if redis.call('SISMEMBER', KEYS[1], ARGV[a]) == 0 then
+    new = new + 1
+    firstNew = firstNew or ARGV[a]
+  end
   a = a + 2 + 2 * tonumber(ARGV[a + 1])
 end
 if new > 0 and redis.call('SCARD', KEYS[1]) + new > maxTypes then
-  return redis.error_reply('TOOMANYTYPES')
+  return redis.error_reply('TOOMANYTYPES ' .. firstNew)
 end
-a = 2
+a = 3
 for k = 2, #KEYS, 2 do
   local agg, ts, name, n = KEYS[k], KEYS[k + 1], ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
@@ -564,9 +602,9 @@ return 1
 func (s *redisStore) add(ctx context.Context, samples []sample) error {
 	groups := groupByType(samples)
 	keys := make([]string, 0, 1+2*len(groups))
-	args := make([]any, 0, 1+2*len(groups)+2*len(samples))
+	args := make([]any, 0, 2+2*len(groups)+2*len(samples))
 	keys = append(keys, s.typesKey())
-	args = append(args, s.maxTypes)
+	args = append(args, s.maxTypes, 0) // the fence is set below
 	for _, g := range groups {
 		keys = append(keys, s.aggKey(g[0].typ), s.tsKey(g[0].typ))
 		args = append(args, g[0].typ, len(g))
@@ -575,9 +613,15 @@ func (s *redisStore) add(ctx context.Context, samples []sample) error {
 		}
 	}
 	return s.pool.with(ctx, "ingest", func(c redis.Conn, deadline time.Time) error {
+		// The script must start early enough for its answer to come back
+		// before the deadline; a fifth of the round trip's budget is kept
+		// for the run and the answer.
+		args[1] = deadline.Add(-s.pool.timeout / 5).UnixMicro()
 		_, err := ingestScript.run(c, deadline, keys, args...)
-		if err != nil && strings.Contains(err.Error(), "TOOMANYTYPES") {
-			return errTooManyTypes
+		if rerr, ok := err.(redis.Error); ok {
+			if typ, found := strings.CutPrefix(string(rerr), "TOOMANYTYPES "); found {
+				return &tooManyTypesError{typ}
+			}
 		}
 		return err
 	})

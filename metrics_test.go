@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"net"
@@ -65,7 +66,7 @@ func TestIngestRejections(t *testing.T) {
 			{"type with space", "", `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu load"}`, 422, "type"},
 			{"type with brace", "", `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu}"}`, 422, "type"},
 			{"type number", "", `{"timestamp":"2025-01-01T10:00:00","value":1,"type":7}`, 422, "type"},
-			{"type beyond MAX_TYPES", "", `[{"timestamp":"2025-01-01T10:00:00","value":1,"type":"t3"},{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}]`, 422, "type"},
+			{"type beyond MAX_TYPES", "", `[{"timestamp":"2025-01-01T10:00:00","value":1,"type":"t1"},{"timestamp":"2025-01-01T10:00:00","value":1,"type":"t3"},{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}]`, 422, `item 2: type "cpu" is new`},
 			{"empty batch", "", `[]`, 422, "empty"},
 			{"batch over MAX_BATCH", "", `[` + ok + `,` + ok + `,` + ok + `,` + ok + `]`, 422, "limit"},
 			{"bad item in batch", "", `[` + ok + `,` + ok + `,{"timestamp":"2025-01-01T10:00:00","value":"x","type":"cpu"}]`, 422, "item 2"},
@@ -102,7 +103,8 @@ func TestIngestAccepts(t *testing.T) {
 		}{
 			{"spec example", "application/json", `{"timestamp":"2025-01-01T10:00:00","value":75,"type":"cpu"}`, `{"message":"Metric stored successfully"}`},
 			{"no content type", "", `{"timestamp":"2025-01-01T10:00:00Z","value":-1.5,"type":"cpu"}`, `{"message":"Metric stored successfully"}`},
-			{"charset", "application/json; charset=utf-8", `{"timestamp":"2025-01-01T12:00:00.123456+02:00","value":0,"type":"cpu"}`, `{"message":"Metric stored successfully"}`},
+			{"charset", "application/json; charset=utf-8", `{"timestamp":"2025-01-01T12:00:00.123456+02:00","value":-0,"type":"cpu"}`, `{"message":"Metric stored successfully"}`},
+			{"lowercase t and z", "", `{"timestamp":"2025-01-01t10:00:00z","value":-0.0,"type":"zero"}`, `{"message":"Metric stored successfully"}`},
 			{"unknown fields", "", `{"timestamp":"2025-01-01T10:00:00","value":1e3,"type":"cpu","host":"a","tags":{"x":1}}`, `{"message":"Metric stored successfully"}`},
 			{"batch", "", `[{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"},{"timestamp":"2025-01-01T10:00:00","value":1,"type":"mem.used_MB-2"}]`, `{"message":"Metrics stored successfully","count":2}`},
 		} {
@@ -111,10 +113,13 @@ func TestIngestAccepts(t *testing.T) {
 				t.Errorf("%s: %d %s, want 201 %s", tc.name, r.status, r.body, tc.want)
 			}
 		}
-		r := get(t, base+"/api/metrics/summary?metric_type=cpu")
-		want := `{"type":"cpu","count":5,"average":214.9,"sum":1074.5,"min":-1.5,"max":1000}`
-		if strings.TrimSpace(r.body) != want {
-			t.Errorf("summary = %s, want %s", r.body, want)
+		for typ, want := range map[string]string{
+			"cpu":  `{"type":"cpu","count":5,"average":214.9,"sum":1074.5,"min":-1.5,"max":1000}`,
+			"zero": `{"type":"zero","count":1,"average":0,"sum":0,"min":0,"max":0}`, // never "-0"
+		} {
+			if r := get(t, base+"/api/metrics/summary?metric_type="+typ); strings.TrimSpace(r.body) != want {
+				t.Errorf("summary = %s, want %s", r.body, want)
+			}
 		}
 	})
 }
@@ -193,8 +198,8 @@ func TestBatchAllOrNothing(t *testing.T) {
 		}
 		// Two new types where only one more fits: nothing of it is stored.
 		err := e.b.store.add(ctx, []sample{ok("a"), ok("b"), ok("c"), ok("a")})
-		if err != errTooManyTypes {
-			t.Fatalf("add over MAX_TYPES = %v, want errTooManyTypes", err)
+		if tm := (*tooManyTypesError)(nil); !errors.As(err, &tm) || tm.typ != "b" {
+			t.Fatalf("add over MAX_TYPES = %v, want a tooManyTypesError for b", err)
 		}
 		for typ, want := range map[string]int64{"a": 1, "b": 0, "c": 0} {
 			if n := count(t, e.b.store, typ); n != want {
@@ -433,8 +438,8 @@ func expectUnavailable(t *testing.T, base, sample string) {
 		if tc.retryAfter && r.header.Get("Retry-After") == "" {
 			t.Errorf("%s %s with Redis down: no Retry-After", tc.method, tc.path)
 		}
-		if tc.path == "/health" && r.json(t)["status"] != "unavailable" {
-			t.Errorf("GET /health with Redis down = %s, want status unavailable", r.body)
+		if tc.path == "/health" && r.body != `{"status":"unavailable","detail":"store unavailable"}`+"\n" {
+			t.Errorf("GET /health with Redis down = %s, want status unavailable and no internals", r.body)
 		}
 	}
 }

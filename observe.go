@@ -21,9 +21,7 @@ func instrument(log *slog.Logger, tel *telemetry, mux *http.ServeMux) http.Handl
 		h, route := mux.Handler(r)
 		rec := &recorder{ResponseWriter: w}
 		if route == "" {
-			// No route matched: the mux answers 404 or 405 in plain text,
-			// which the recorder rewrites.
-			route, rec.rewrite = unmatchedRoute, true
+			route = unmatchedRoute // the mux's own 404 or 405
 		}
 		id := requestID(r.Header.Get("X-Request-ID"))
 		w.Header().Set("X-Request-ID", id)
@@ -62,12 +60,23 @@ func instrument(log *slog.Logger, tel *telemetry, mux *http.ServeMux) http.Handl
 	})
 }
 
-// recorder remembers the status a handler answered with.
+// recorder remembers the status a handler answered with. It also turns
+// the answers ServeMux writes itself, in plain text or HTML, into JSON: a
+// 404, a 405 (keeping Allow) and the redirect to a cleaned path (keeping
+// Location). The service's own handlers always answer in JSON or, for
+// /metrics, with a 200.
 type recorder struct {
 	http.ResponseWriter
 	code    int
-	rewrite bool // answer the mux's plain-text 404 or 405 as JSON
-	discard bool // drop the plain-text body that follows
+	discard bool // drop the mux's own body that follows
+}
+
+var muxAnswers = map[int]string{
+	http.StatusNotFound:          "not found",
+	http.StatusMethodNotAllowed:  "method not allowed",
+	http.StatusMovedPermanently:  "moved: use the path in Location",
+	http.StatusTemporaryRedirect: "moved: use the path in Location",
+	http.StatusPermanentRedirect: "moved: use the path in Location",
 }
 
 func (r *recorder) WriteHeader(code int) {
@@ -75,13 +84,9 @@ func (r *recorder) WriteHeader(code int) {
 		return
 	}
 	r.code = code
-	if r.rewrite && (code == http.StatusNotFound || code == http.StatusMethodNotAllowed) {
+	if detail, ok := muxAnswers[code]; ok && r.Header().Get("Content-Type") != "application/json" {
 		r.discard = true
 		r.Header().Del("X-Content-Type-Options")
-		detail := "not found"
-		if code == http.StatusMethodNotAllowed {
-			detail = "method not allowed" // the mux has set Allow
-		}
 		writeError(r.ResponseWriter, code, detail)
 		return
 	}

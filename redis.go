@@ -24,12 +24,17 @@ type redisPool struct {
 // connections onto a Redis that is already slow.
 const maxRedisConns = 64
 
+const redisClientName = "analytics"
+
 func newRedisPool(cfg config, tel *telemetry) *redisPool {
 	opts := []redis.DialOption{
 		redis.DialConnectTimeout(cfg.RedisTimeout),
 		redis.DialReadTimeout(cfg.RedisTimeout),
 		redis.DialWriteTimeout(cfg.RedisTimeout),
 		redis.DialDatabase(cfg.RedisDB),
+		// Named, so an operator's CLIENT LIST tells this service's
+		// connections apart.
+		redis.DialClientName(redisClientName),
 	}
 	if cfg.RedisPassword != "" {
 		opts = append(opts, redis.DialPassword(cfg.RedisPassword))
@@ -87,14 +92,14 @@ func do(c redis.Conn, deadline time.Time, cmd string, args ...any) (any, error) 
 
 // with borrows a connection, runs fn with it and the operation's deadline,
 // and returns the connection to the pool. A failure is counted under op,
-// unless it is a refusal the store meant (errTooManyTypes).
+// unless it is a refusal the store meant (tooManyTypesError).
 func (p *redisPool) with(ctx context.Context, op string, fn func(c redis.Conn, deadline time.Time) error) error {
 	c, deadline, err := p.conn(ctx)
 	if err == nil {
 		err = fn(c, deadline)
 		c.Close()
 	}
-	if err != nil && !errors.Is(err, errTooManyTypes) {
+	if tm := (*tooManyTypesError)(nil); err != nil && !errors.As(err, &tm) {
 		p.tel.storeError(op)
 	}
 	return err

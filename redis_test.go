@@ -7,12 +7,17 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
+	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -58,7 +63,33 @@ func testMain(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, "REQUIRE_REDIS=1 but redis-server is not on PATH and REDIS_URL is not set")
 		return 1
 	}
-	return m.Run()
+	// os/signal starts a goroutine for the life of the process the first
+	// time run subscribes to signals; start it now so it is not counted.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGUSR2)
+	signal.Stop(sig)
+	before := runtime.NumGoroutine()
+	code := m.Run()
+	if code == 0 {
+		code = checkGoroutines(before)
+	}
+	return code
+}
+
+// checkGoroutines fails the run when goroutines started by the tests are
+// still alive at the end: a leak in the service or in a test.
+func checkGoroutines(before int) int {
+	http.DefaultClient.CloseIdleConnections()
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			fmt.Fprintf(os.Stderr, "goroutine leak: %d goroutines at the end, %d at the start\n", runtime.NumGoroutine(), before)
+			pprof.Lookup("goroutine").WriteTo(os.Stderr, 1)
+			return 1
+		}
+		time.Sleep(10 * time.Millisecond) // polling while the last ones exit
+	}
+	return 0
 }
 
 // needRedis skips a Redis test when no Redis is available, unless
@@ -179,7 +210,7 @@ func testPrefix() string {
 }
 
 // testConfig is the default configuration with Redis pointing at the shared
-// test server, short deadlines and no effective rate limit.
+// test server and no effective rate limit.
 func testConfig(t testing.TB) config {
 	t.Helper()
 	cfg, err := loadConfig(func(string) string { return "" })
@@ -191,7 +222,11 @@ func testConfig(t testing.TB) config {
 		u, _ := loadConfig(func(k string) string { return map[string]string{"REDIS_URL": sharedRedis.url}[k] })
 		cfg.RedisDB, cfg.RedisUsername, cfg.RedisPassword = u.RedisDB, u.RedisUsername, u.RedisPassword
 	}
-	cfg.RedisTimeout = 300 * time.Millisecond
+	// Generous deadlines: a test that is not about deadlines must not see a
+	// 503, or a limiter failing open, because the machine is busy. Tests of
+	// deadlines set their own.
+	cfg.RedisTimeout = 2 * time.Second
+	cfg.LimiterTimeout = 2 * time.Second
 	cfg.RateLimit = 1 << 30 // tests of the limiter set their own
 	return cfg
 }
