@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"strings"
@@ -335,8 +336,8 @@ func TestRedisTypeKeysShareHashTag(t *testing.T) {
 			t.Fatal(err)
 		}
 		ks := keys.([]any)
-		if len(ks) != 3 {
-			t.Errorf("keys of type cpu: %d, want 3 (agg, samples, cached summary)", len(ks))
+		if len(ks) != 5 {
+			t.Errorf("keys of type cpu: %d, want 5 (agg, ts, b, bi and a cached summary)", len(ks))
 		}
 		for _, k := range ks {
 			if s := string(k.([]byte)); !strings.HasPrefix(s, e.prefix+"{cpu}:") {
@@ -442,4 +443,66 @@ func expectUnavailable(t *testing.T, base, sample string) {
 			t.Errorf("GET /health with Redis down = %s, want status unavailable and no internals", r.body)
 		}
 	}
+}
+
+// TestWindowsAcrossBuckets compares windowed summaries with a brute-force
+// count over samples spread across many minutes, for windows that start
+// and end inside buckets, on bucket edges, and open at either end, so that
+// the Redis store's whole-bucket and edge parts must add up exactly.
+func TestWindowsAcrossBuckets(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		ctx := context.Background()
+		rng := rand.New(rand.NewPCG(1, 2))
+		base := testEpoch.UnixMicro()
+		minute := int64(time.Minute / time.Microsecond)
+		var all []sample
+		for range 3000 {
+			// Three hours, some samples exactly on bucket edges.
+			at := base + rng.Int64N(180)*minute
+			if rng.IntN(3) > 0 {
+				at += rng.Int64N(minute)
+			}
+			all = append(all, sample{typ: "cpu", at: at, value: float64(rng.IntN(2001) - 1000)})
+		}
+		for i := 0; i < len(all); i += 500 {
+			if err := e.b.store.add(ctx, all[i:i+500]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		bound := func() int64 {
+			switch rng.IntN(4) {
+			case 0:
+				return base + rng.Int64N(200)*minute // on an edge
+			case 1:
+				return all[rng.IntN(len(all))].at // on a sample
+			default:
+				return base - minute + rng.Int64N(200*minute)
+			}
+		}
+		for i := range 300 {
+			w := window{bound(), bound()}
+			if w.from > w.to {
+				w.from, w.to = w.to, w.from
+			}
+			switch i % 10 {
+			case 0:
+				w.from = allTime.from
+			case 1:
+				w.to = allTime.to
+			}
+			var want stats
+			for _, s := range all {
+				if s.at >= w.from && s.at < w.to {
+					want.add(s.value)
+				}
+			}
+			got, _, err := e.b.store.summarize(ctx, "cpu", w)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != want {
+				t.Fatalf("summarize(%d, %d) = %+v, want %+v", w.from-base, w.to-base, got, want)
+			}
+		}
+	})
 }
