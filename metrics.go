@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -81,20 +82,29 @@ func handleSummary(log *slog.Logger, summaries *summaryCache) http.Handler {
 // readSamples reads and validates the body of an ingest: one metric object
 // or an array of them. It reports whether the body was an array.
 func readSamples(w http.ResponseWriter, r *http.Request, cfg config) ([]sample, bool, error) {
-	if ct := r.Header.Get("Content-Type"); ct != "" {
+	if ct := r.Header.Get("Content-Type"); ct != "" && ct != "application/json" {
 		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
 			return nil, false, &requestError{http.StatusUnsupportedMediaType, "Content-Type must be application/json"}
 		}
 	}
-	tooLarge := &requestError{http.StatusRequestEntityTooLarge, fmt.Sprintf("body exceeds %d bytes", cfg.MaxBodyBytes)}
-	if r.ContentLength > cfg.MaxBodyBytes {
-		return nil, false, tooLarge
+	tooLarge := func() error {
+		return &requestError{http.StatusRequestEntityTooLarge, fmt.Sprintf("body exceeds %d bytes", cfg.MaxBodyBytes)}
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, cfg.MaxBodyBytes))
+	if r.ContentLength > cfg.MaxBodyBytes {
+		return nil, false, tooLarge() // refused before reading a byte of it
+	}
+	var body []byte
+	var err error
+	if r.ContentLength > 0 {
+		// The usual case: one allocation of the declared size.
+		body = make([]byte, r.ContentLength)
+		_, err = io.ReadFull(r.Body, body)
+	} else {
+		body, err = io.ReadAll(http.MaxBytesReader(w, r.Body, cfg.MaxBodyBytes))
+	}
 	if err != nil {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return nil, false, tooLarge
+		if mbe := (*http.MaxBytesError)(nil); errors.As(err, &mbe) {
+			return nil, false, tooLarge()
 		}
 		return nil, false, &requestError{http.StatusBadRequest, "could not read the body"}
 	}
@@ -104,9 +114,6 @@ func readSamples(w http.ResponseWriter, r *http.Request, cfg config) ([]sample, 
 // parseSamples decodes and validates a whole body; it is the part of
 // ingest that sees untrusted bytes.
 func parseSamples(body []byte, maxBatch int) ([]sample, bool, error) {
-	if !json.Valid(body) {
-		return nil, false, unprocessable("body is not valid JSON")
-	}
 	switch firstByte(body) {
 	case '{':
 		s, err := parseSample(body)
@@ -117,7 +124,7 @@ func parseSamples(body []byte, maxBatch int) ([]sample, bool, error) {
 	case '[':
 		var items []json.RawMessage
 		if err := json.Unmarshal(body, &items); err != nil {
-			return nil, true, unprocessable("body is not valid JSON")
+			return nil, true, unprocessable("%s", errNotJSON)
 		}
 		if len(items) == 0 {
 			return nil, true, unprocessable("batch is empty")
@@ -134,10 +141,17 @@ func parseSamples(body []byte, maxBatch int) ([]sample, bool, error) {
 			samples[i] = s
 		}
 		return samples, true, nil
+	case 0:
+		return nil, false, unprocessable("body is empty: send a JSON metric object or an array of them")
 	default:
+		if !json.Valid(body) {
+			return nil, false, unprocessable("%s", errNotJSON)
+		}
 		return nil, false, unprocessable("body must be a metric object or an array of them")
 	}
 }
+
+var errNotJSON = errors.New("body is not valid JSON")
 
 func firstByte(b []byte) byte {
 	for _, c := range b {
@@ -152,16 +166,91 @@ func firstByte(b []byte) byte {
 // than 1e8 samples at this magnitude to overflow float64.
 const maxAbsValue = 1e300
 
-func parseSample(raw []byte) (sample, error) {
-	var in struct {
-		Timestamp *string  `json:"timestamp"`
-		Value     *float64 `json:"value"`
-		Type      *string  `json:"type"`
+// sampleJSON is a metric as sent. encoding/json matches keys to these
+// fields ignoring case, so decodeSample makes sure only exact keys count.
+type sampleJSON struct {
+	Timestamp *string  `json:"timestamp"`
+	Value     *float64 `json:"value"`
+	Type      *string  `json:"type"`
+}
+
+var sampleFields = [][]byte{[]byte("timestamp"), []byte("value"), []byte("type")}
+
+// decodeSample decodes one metric object. The fast path is one Unmarshal
+// into the struct; an object with a key that only folds to a field name
+// ("Value", "TYPE", or one written with escapes) is decoded key by key, so
+// that such a key is an unknown field, ignored as the spec says.
+func decodeSample(raw []byte) (sampleJSON, error) {
+	var in sampleJSON
+	err := json.Unmarshal(raw, &in)
+	if se := (*json.SyntaxError)(nil); errors.As(err, &se) || exactKeys(raw) {
+		return in, err
 	}
+	in = sampleJSON{}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &fields); err != nil {
+		return in, err
+	}
+	for _, f := range []struct {
+		name string
+		dst  any
+	}{{"timestamp", &in.Timestamp}, {"value", &in.Value}, {"type", &in.Type}} {
+		if v, ok := fields[f.name]; ok {
+			if err := json.Unmarshal(v, f.dst); err != nil {
+				if te := (*json.UnmarshalTypeError)(nil); errors.As(err, &te) {
+					te.Field = f.name
+				}
+				return in, err
+			}
+		}
+	}
+	return in, nil
+}
+
+// exactKeys reports whether no top-level key of the valid JSON object obj
+// is a case variant of a field name or written with escapes.
+func exactKeys(obj []byte) bool {
+	depth := 0
+	for i := 0; i < len(obj); i++ {
+		switch obj[i] {
+		case '{', '[':
+			depth++
+		case '}', ']':
+			depth--
+		case '"':
+			j, escaped := i+1, false
+			for ; obj[j] != '"'; j++ {
+				if obj[j] == '\\' {
+					escaped = true
+					j++
+				}
+			}
+			if depth == 1 && firstByte(obj[j+1:]) == ':' {
+				key := obj[i+1 : j]
+				if escaped {
+					return false
+				}
+				for _, f := range sampleFields {
+					if bytes.EqualFold(key, f) && !bytes.Equal(key, f) {
+						return false
+					}
+				}
+			}
+			i = j
+		}
+	}
+	return true
+}
+
+func parseSample(raw []byte) (sample, error) {
 	if firstByte(raw) != '{' {
 		return sample{}, errors.New("must be a metric object")
 	}
-	if err := json.Unmarshal(raw, &in); err != nil {
+	in, err := decodeSample(raw)
+	if err != nil {
+		if se := (*json.SyntaxError)(nil); errors.As(err, &se) {
+			return sample{}, errNotJSON
+		}
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) {
 			switch te.Field {

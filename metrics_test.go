@@ -506,3 +506,30 @@ func TestWindowsAcrossBuckets(t *testing.T) {
 		}
 	})
 }
+
+func TestFieldNamesAreExact(t *testing.T) {
+	for _, tc := range []struct {
+		body string
+		want sample
+		err  string
+	}{
+		{`{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu","Value":"junk","TYPE":"evil"}`, sample{typ: "cpu", value: 1}, ""},
+		{`{"timestamp":"2025-01-01T10:00:00","\u0076alue":3,"type":"cpu"}`, sample{typ: "cpu", value: 3}, ""}, // an escape, but exactly "value"
+		{`{"timestamp":"2025-01-01T10:00:00","VALUE":1,"type":"cpu"}`, sample{}, "value is required"},
+		{`{"timestamp":"2025-01-01T10:00:00","value":1,"tYpe":"cpu"}`, sample{}, "type is required"},
+		{`{"timeſtamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`, sample{}, "timestamp is required"},
+		{`{"timestamp":"2025-01-01T10:00:00","Value":1,"value":"x","type":"cpu"}`, sample{}, "value must be"},
+	} {
+		got, err := parseSample([]byte(tc.body))
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("parseSample(%s) = %v, want an error with %q", tc.body, err, tc.err)
+			}
+			continue
+		}
+		tc.want.at = time.Date(2025, 1, 1, 10, 0, 0, 0, time.UTC).UnixMicro()
+		if err != nil || got != tc.want {
+			t.Errorf("parseSample(%s) = %+v, %v; want %+v", tc.body, got, err, tc.want)
+		}
+	}
+}

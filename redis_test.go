@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -37,6 +38,12 @@ func TestMain(m *testing.M) {
 }
 
 func testMain(m *testing.M) int {
+	// A fuzz worker runs only the fuzz target, which needs no Redis; a
+	// redis-server started here would hold the worker's pipes open.
+	flag.Parse()
+	if f := flag.Lookup("test.fuzzworker"); f != nil && f.Value.String() == "true" {
+		return m.Run()
+	}
 	required := os.Getenv("REQUIRE_REDIS") == "1"
 	if u := os.Getenv("REDIS_URL"); u != "" {
 		cfg, err := loadConfig(func(k string) string { return map[string]string{"REDIS_URL": u}[k] })
