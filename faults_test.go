@@ -576,3 +576,44 @@ func TestStalledRedisStoresNothingAnswered503(t *testing.T) {
 		t.Errorf("%d samples stored (%v), want 1: the batch answered 503 must not be stored", n, err)
 	}
 }
+
+// TestHealthChecksSharePing: concurrent health checks share the PING in
+// flight instead of sending one each.
+func TestHealthChecksSharePing(t *testing.T) {
+	srv := startRedis(t)
+	proxy := startLatencyProxy(t, srv.addr)
+	cfg := testConfig(t)
+	cfg.RedisAddr = proxy.ln.Addr().String()
+	pool := testPool(t, cfg, testPrefix())
+	if err := pool.ping(context.Background()); err != nil { // dials the connection
+		t.Fatal(err)
+	}
+	proxy.delay.Store(int64(300 * time.Millisecond))
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := pool.ping(context.Background()); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	c, err := redis.Dial("tcp", srv.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	info, _ := redis.String(c.Do("INFO", "commandstats"))
+	var calls int
+	for _, line := range strings.Split(info, "\n") {
+		if strings.HasPrefix(line, "cmdstat_ping:") {
+			fmt.Sscanf(line, "cmdstat_ping:calls=%d", &calls)
+		}
+	}
+	// One before the delay, then one (rarely a few) shared by the 20.
+	if calls < 2 || calls > 5 {
+		t.Errorf("20 concurrent health checks sent %d PINGs in all, want about 2", calls)
+	}
+}

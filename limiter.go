@@ -74,11 +74,13 @@ func rateLimited(log *slog.Logger, cfg config, tel *telemetry, lim limiter, now 
 			// Nothing was counted, so the whole limit is shown as remaining.
 			d = decision{allowed: true, limit: cfg.RateLimit, remaining: cfg.RateLimit, reset: reset}
 		}
+		// Set directly in canonical form, as Header.Set would store them,
+		// without canonicalising on every request.
 		h := w.Header()
-		h.Set("X-RateLimit-Limit", strconv.Itoa(d.limit))
-		h.Set("X-RateLimit-Remaining", strconv.Itoa(d.remaining))
+		h["X-Ratelimit-Limit"] = []string{strconv.Itoa(d.limit)}
+		h["X-Ratelimit-Remaining"] = []string{strconv.Itoa(d.remaining)}
 		resetSecs := strconv.FormatInt(ceilSeconds(d.reset), 10)
-		h.Set("X-RateLimit-Reset", resetSecs)
+		h["X-Ratelimit-Reset"] = []string{resetSecs}
 		switch {
 		case err != nil && cfg.RateLimitFailClosed:
 			h.Set("Retry-After", "1")

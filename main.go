@@ -50,7 +50,9 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	if err != nil {
 		return fmt.Errorf("configuration: %w", err)
 	}
-	log := slog.New(slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel}))
+	logOut := newLogBuffer(stdout)
+	defer logOut.stop()
+	log := slog.New(slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: cfg.LogLevel}))
 
 	tel := newTelemetry()
 	b, closeBackend, err := openBackend(cfg, tel, log)
@@ -73,6 +75,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	log.Info("listening", "addr", ln.Addr().String(), "store", cfg.Store)
+	logOut.Flush()
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
@@ -201,11 +204,15 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	writeRaw(w, status, append(body, '\n'))
 }
 
-// writeRaw answers with a body that is already JSON.
+var jsonContentType = []string{"application/json"}
+
+// writeRaw answers with a body that is already JSON. Headers are set in
+// canonical form directly, as Header.Set would store them, to skip the
+// canonicalisation on every answer.
 func writeRaw(w http.ResponseWriter, status int, body []byte) {
 	h := w.Header()
-	h.Set("Content-Type", "application/json")
-	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h["Content-Type"] = jsonContentType
+	h["Content-Length"] = []string{strconv.Itoa(len(body))}
 	w.WriteHeader(status)
 	w.Write(body)
 }

@@ -17,6 +17,7 @@ type redisPool struct {
 	*redis.Pool
 	timeout time.Duration
 	tel     *telemetry // counts failed operations; nil counts nothing
+	pings   flightGroup
 }
 
 // maxRedisConns bounds the connections one instance opens. Requests beyond
@@ -105,11 +106,18 @@ func (p *redisPool) with(ctx context.Context, op string, fn func(c redis.Conn, d
 	return err
 }
 
+// ping asks Redis whether it answers. Concurrent health checks share the
+// PING in flight: its answer arrives while each of them waits, so it says
+// as much as a PING of their own would, and a burst of checks costs Redis
+// one command.
 func (p *redisPool) ping(ctx context.Context) error {
-	return p.with(ctx, "ping", func(c redis.Conn, deadline time.Time) error {
-		_, err := do(c, deadline, "PING")
-		return err
+	_, err := p.pings.do(ctx, "ping", func(ctx context.Context) ([]byte, error) {
+		return nil, p.with(ctx, "ping", func(c redis.Conn, deadline time.Time) error {
+			_, err := do(c, deadline, "PING")
+			return err
+		})
 	})
+	return err
 }
 
 // script is a Lua script run by its hash, loaded on first use and again

@@ -323,10 +323,11 @@ for k = 2, #KEYS, 4 do
     if old then
       oc, os, ol, oh = string.match(old, '(%S+) (%S+) (%S+) (%S+)')
       oc, os, ol, oh = tonumber(oc), tonumber(os), tonumber(ol), tonumber(oh)
+    else
+      redis.call('ZADD', bi, id, id) -- a new bucket
     end
     c, s, lo, hi = merge(oc, os, ol, oh, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]))
     redis.call('HSET', b, id, string.format('%d', c) .. ' ' .. num(s) .. ' ' .. num(lo) .. ' ' .. num(hi))
-    redis.call('ZADD', bi, id, id)
     a = a + 5
   end
   local last = a + 2 * n - 1

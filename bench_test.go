@@ -1,0 +1,335 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// The HTTP benchmarks drive the built service binary and a bare net/http
+// handler with wrk (Debian's package), one after the other in the same run,
+// and report the service's throughput as a ratio to the bare handler's,
+// since absolute numbers depend on the machine and what else it runs:
+//
+//	go test -run '^$' -bench HTTP -benchtime=1x
+//
+// BENCH_SECONDS sets each measurement's length (default 5).
+
+// benchScenario is one load shape: a wrk Lua script (empty for plain GETs)
+// and the path it starts from.
+type benchScenario struct {
+	name    string
+	path    string
+	script  string
+	samples int // per request, for a samples/s figure; 0 for none
+}
+
+// wrkTypes spreads writes over 16 metric types.
+const wrkTypes = `local types = {}
+for i = 1, 16 do types[i] = "type" .. i end
+local n = 0`
+
+var benchScenarios = []benchScenario{
+	{name: "ingest", path: "/api/metrics", samples: 1, script: wrkTypes + `
+request = function()
+  n = n + 1
+  local body = '{"timestamp":"2025-01-01T10:00:00Z","value":' .. (n % 1000) .. ',"type":"' .. types[n % 16 + 1] .. '"}'
+  return wrk.format("POST", "/api/metrics", {["Content-Type"] = "application/json"}, body)
+end`},
+	{name: "summary-hit", path: "/api/metrics/summary?metric_type=type1"},
+	{name: "mix", path: "/", script: wrkTypes + `
+request = function()
+  n = n + 1
+  local t = types[n % 16 + 1]
+  if n % 10 == 0 then
+    local body = '{"timestamp":"2025-01-01T10:00:00Z","value":' .. (n % 1000) .. ',"type":"' .. t .. '"}'
+    return wrk.format("POST", "/api/metrics", {["Content-Type"] = "application/json"}, body)
+  end
+  return wrk.format("GET", "/api/metrics/summary?metric_type=" .. t)
+end`},
+	{name: "health", path: "/health"},
+	{name: "batch-1000", path: "/api/metrics", samples: 1000, script: wrkTypes + `
+local items = {}
+for i = 1, 1000 do
+  items[i] = '{"timestamp":"2025-01-01T10:' .. string.format("%02d:%02d", math.floor(i / 60) % 60, i % 60) .. 'Z","value":' .. i .. ',"type":"' .. types[i % 16 + 1] .. '"}'
+end
+local body = "[" .. table.concat(items, ",") .. "]"
+request = function()
+  return wrk.format("POST", "/api/metrics", {["Content-Type"] = "application/json"}, body)
+end`},
+}
+
+func BenchmarkHTTP(b *testing.B) {
+	wrk, err := exec.LookPath("wrk")
+	if err != nil {
+		b.Skip("wrk is not on PATH (Debian: apt-get install wrk)")
+	}
+	secs := 5
+	if s, err := strconv.Atoi(os.Getenv("BENCH_SECONDS")); err == nil && s > 0 {
+		secs = s
+	}
+	bin := buildService(b)
+	bare := startBare(b)
+	for _, store := range []string{"memory", "redis"} {
+		for _, sc := range benchScenarios {
+			b.Run(store+"/"+sc.name, func(b *testing.B) {
+				if store == "redis" {
+					needRedis(b)
+				}
+				env := map[string]string{"STORE": store, "RATE_LIMIT": "1000000000", "LOG_LEVEL": "info"}
+				if store == "redis" {
+					env["REDIS_URL"] = "redis://" + sharedRedis.addr + "/0"
+					b.Cleanup(func() { cleanRedisDB(b) })
+				}
+				svc := startService(b, bin, env)
+				script := writeScript(b, sc.script)
+				seed(b, svc.base)
+				bareRate, _ := runWrk(b, wrk, bare+sc.path, script, secs)
+				rate, failed := runWrk(b, wrk, svc.base+sc.path, script, secs)
+				b.ReportMetric(rate/bareRate, "ratio")
+				b.ReportMetric(rate, "req/s")
+				b.ReportMetric(bareRate, "bare-req/s")
+				b.ReportMetric(failed, "failed-share") // 503s when Redis is saturated
+				if sc.samples > 1 {
+					b.ReportMetric(rate*float64(sc.samples), "samples/s")
+				}
+				b.ReportMetric(svc.peakMiB(b), "peak-MiB")
+			})
+		}
+	}
+}
+
+// BenchmarkLogging measures the cost of the access log: GET /health with
+// LOG_LEVEL=info (one line a request) against LOG_LEVEL=warn (none).
+func BenchmarkLogging(b *testing.B) {
+	wrk, err := exec.LookPath("wrk")
+	if err != nil {
+		b.Skip("wrk is not on PATH")
+	}
+	bin := buildService(b)
+	quiet := startService(b, bin, map[string]string{"LOG_LEVEL": "warn"})
+	logged := startService(b, bin, map[string]string{"LOG_LEVEL": "info"})
+	q, _ := runWrk(b, wrk, quiet.base+"/health", "", 5)
+	l, _ := runWrk(b, wrk, logged.base+"/health", "", 5)
+	b.ReportMetric(l/q, "logged/quiet")
+}
+
+// BenchmarkWindowedSummary is a summary cache miss over a window holding
+// 100,000 samples, computed by each store: samples one second apart (the
+// window spans about 28 hours of whole minute buckets), and all within one
+// minute (the Redis store's worst case: every sample is in an edge bucket).
+func BenchmarkWindowedSummary(b *testing.B) {
+	const n = 100_000
+	run := func(b *testing.B, s metricStore, spacing int64) {
+		ctx := context.Background()
+		for start := 0; start < n; start += 10_000 {
+			batch := make([]sample, 10_000)
+			for i := range batch {
+				batch[i] = sample{typ: "cpu", at: int64(start+i)*spacing + 1234, value: float64(i % 100)}
+			}
+			if err := s.add(ctx, batch); err != nil {
+				b.Fatal(err)
+			}
+		}
+		w := window{1000, n*spacing + 1235} // edges inside buckets
+		b.ResetTimer()
+		for range b.N {
+			st, _, err := s.summarize(ctx, "cpu", w)
+			if err != nil || st.count != n {
+				b.Fatalf("summarize = %d, %v; want %d", st.count, err, n)
+			}
+		}
+		b.ReportMetric(float64(b.Elapsed().Microseconds())/1000/float64(b.N), "ms/summary")
+	}
+	for _, d := range []struct {
+		name    string
+		spacing int64 // microseconds between samples
+	}{{"spread", 1_000_000}, {"dense", 1}} {
+		b.Run("memory/"+d.name, func(b *testing.B) { run(b, newMemoryStore(10), d.spacing) })
+		b.Run("redis/"+d.name, func(b *testing.B) {
+			needRedis(b)
+			cfg := testConfig(b)
+			prefix := testPrefix()
+			run(b, newRedisStore(testPool(b, cfg, prefix), prefix, 10), d.spacing)
+		})
+	}
+}
+
+var (
+	buildOnce sync.Once
+	builtBin  string
+	buildErr  error
+)
+
+// buildService builds the binary as a user would run it.
+func buildService(b *testing.B) string {
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "analytics-bench-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		builtBin = filepath.Join(dir, "analytics")
+		out, err := exec.Command("go", "build", "-o", builtBin, ".").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		b.Fatal(buildErr)
+	}
+	return builtBin
+}
+
+type service struct {
+	base string
+	pid  int
+}
+
+// startService runs the binary on a free port and waits until it answers.
+func startService(b *testing.B, bin string, env map[string]string) service {
+	port, err := freePort()
+	if err != nil {
+		b.Fatal(err)
+	}
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	cmd := exec.Command(bin)
+	cmd.Env = append(os.Environ(), "ADDR="+addr)
+	for k, v := range env {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	go io.Copy(io.Discard, stdout) // the logs, read as a log collector would
+	b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	base := "http://" + addr
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if res, err := http.Get(base + "/health"); err == nil {
+			res.Body.Close()
+			if res.StatusCode == 200 {
+				return service{base: base, pid: cmd.Process.Pid}
+			}
+		}
+		if time.Now().After(deadline) {
+			b.Fatal("the service did not answer /health within 10s")
+		}
+	}
+}
+
+// peakMiB is the service's peak resident memory so far (VmHWM).
+func (s service) peakMiB(b *testing.B) float64 {
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", s.pid))
+	if err != nil {
+		return 0
+	}
+	m := regexp.MustCompile(`VmHWM:\s+(\d+) kB`).FindSubmatch(status)
+	if m == nil {
+		return 0
+	}
+	kb, _ := strconv.ParseFloat(string(m[1]), 64)
+	return kb / 1024
+}
+
+// startBare serves the bare handler every ratio is measured against: it
+// reads the body and writes a small JSON answer, nothing else.
+func startBare(b *testing.B) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	body := []byte(`{"status":"ok"}` + "\n")
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(body)
+	})}
+	go srv.Serve(ln)
+	b.Cleanup(func() { srv.Close() })
+	return "http://" + ln.Addr().String()
+}
+
+// seed stores a sample of each type so summaries have something to say.
+func seed(b *testing.B, base string) {
+	var items []string
+	for i := 1; i <= 16; i++ {
+		items = append(items, fmt.Sprintf(`{"timestamp":"2025-01-01T10:00:00Z","value":%d,"type":"type%d"}`, i, i))
+	}
+	res, err := http.Post(base+"/api/metrics", "application/json", strings.NewReader("["+strings.Join(items, ",")+"]"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != 201 {
+		b.Fatalf("seeding: %d", res.StatusCode)
+	}
+}
+
+func writeScript(b *testing.B, script string) string {
+	if script == "" {
+		return ""
+	}
+	f := filepath.Join(b.TempDir(), "scenario.lua")
+	if err := os.WriteFile(f, []byte(script), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	return f
+}
+
+var (
+	wrkTotal  = regexp.MustCompile(`(\d+) requests in ([0-9.]+)(m?s)`)
+	wrkFailed = regexp.MustCompile(`Non-2xx or 3xx responses: (\d+)`)
+)
+
+// runWrk drives url with 64 connections for secs seconds and returns the
+// requests per second that got a 2xx answer, and the share that did not.
+func runWrk(b *testing.B, wrk, url, script string, secs int) (rate, failed float64) {
+	args := []string{"-t2", "-c64", "-d" + strconv.Itoa(secs) + "s", "--latency"}
+	if script != "" {
+		args = append(args, "-s", script)
+	}
+	out, err := exec.Command(wrk, append(args, url)...).CombinedOutput()
+	if err != nil {
+		b.Fatalf("wrk: %v\n%s", err, out)
+	}
+	m := wrkTotal.FindSubmatch(out)
+	if m == nil {
+		b.Fatalf("no request count in wrk output:\n%s", out)
+	}
+	total, _ := strconv.ParseFloat(string(m[1]), 64)
+	elapsed, _ := strconv.ParseFloat(string(m[2]), 64)
+	if string(m[3]) == "ms" {
+		elapsed /= 1000
+	}
+	var bad float64
+	if f := wrkFailed.FindSubmatch(out); f != nil {
+		bad, _ = strconv.ParseFloat(string(f[1]), 64)
+	}
+	return (total - bad) / elapsed, bad / total
+}
+
+// cleanRedisDB removes what a benchmark stored through the service, which
+// writes without a prefix.
+func cleanRedisDB(b *testing.B) {
+	cfg := testConfig(b)
+	pool := newRedisPool(cfg, nil)
+	defer pool.Close()
+	for _, pattern := range []string{"{type*", "rl:*", "types"} {
+		deleteKeys(pool, strings.TrimSuffix(pattern, "*"))
+	}
+}
