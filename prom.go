@@ -22,6 +22,8 @@ type telemetry struct {
 	transitions        [3][3]atomic.Uint64 // [from][to]
 
 	storeErrs map[string]*atomic.Uint64 // by op, one of storeOps
+
+	redisConns *atomic.Int64 // the Redis pool's open connections; nil without Redis
 }
 
 // storeOps are the store operations whose failures are counted.
@@ -148,6 +150,11 @@ func handleMetrics(t *telemetry, cache *summaryCache, brk *breaker) http.Handler
 					p.sample("breaker_transitions_total", t.transitions[from][to].Load(), "from", from.String(), "to", to.String())
 				}
 			}
+		}
+
+		if t.redisConns != nil {
+			p.family("redis_connections_open", "gauge", "Connections open to Redis.")
+			p.sample("redis_connections_open", uint64(max(0, t.redisConns.Load())))
 		}
 
 		p.family("store_errors_total", "counter", "Failed store operations, by operation.")

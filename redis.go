@@ -5,7 +5,10 @@ import (
 	"crypto/sha1"
 	"encoding/hex"
 	"errors"
+	"net"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gomodule/redigo/redis"
@@ -18,6 +21,7 @@ type redisPool struct {
 	timeout time.Duration
 	tel     *telemetry // counts failed operations; nil counts nothing
 	pings   flightGroup
+	open    atomic.Int64 // connections open to Redis
 }
 
 // maxRedisConns bounds the connections one instance opens. Requests beyond
@@ -28,8 +32,22 @@ const maxRedisConns = 64
 const redisClientName = "analytics"
 
 func newRedisPool(cfg config, tel *telemetry) *redisPool {
+	p := &redisPool{timeout: cfg.RedisTimeout, tel: tel}
+	if tel != nil {
+		tel.redisConns = &p.open
+	}
+	dialer := &net.Dialer{Timeout: cfg.RedisTimeout, KeepAlive: 5 * time.Minute}
 	opts := []redis.DialOption{
-		redis.DialConnectTimeout(cfg.RedisTimeout),
+		// Every connection is counted from dial to close: the pool's own
+		// counter includes dials in progress, this one what is open.
+		redis.DialContextFunc(func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := dialer.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			p.open.Add(1)
+			return &countedConn{Conn: c, open: &p.open}, nil
+		}),
 		redis.DialReadTimeout(cfg.RedisTimeout),
 		redis.DialWriteTimeout(cfg.RedisTimeout),
 		redis.DialDatabase(cfg.RedisDB),
@@ -43,29 +61,38 @@ func newRedisPool(cfg config, tel *telemetry) *redisPool {
 	if cfg.RedisUsername != "" {
 		opts = append(opts, redis.DialUsername(cfg.RedisUsername))
 	}
-	return &redisPool{
-		timeout: cfg.RedisTimeout,
-		tel:     tel,
-		Pool: &redis.Pool{
-			MaxActive:   maxRedisConns,
-			MaxIdle:     maxRedisConns,
-			IdleTimeout: 5 * time.Minute,
-			Wait:        true,
-			DialContext: func(ctx context.Context) (redis.Conn, error) {
-				return redis.DialContext(ctx, "tcp", cfg.RedisAddr, opts...)
-			},
-			// A connection that sat idle may point at a Redis that has
-			// since restarted; check it before use rather than fail the
-			// request that borrows it. Busy connections skip the check.
-			TestOnBorrowContext: func(ctx context.Context, c redis.Conn, lastUsed time.Time) error {
-				if time.Since(lastUsed) < time.Second {
-					return nil
-				}
-				_, err := redis.DoWithTimeout(c, cfg.RedisTimeout, "PING")
-				return err
-			},
+	p.Pool = &redis.Pool{
+		MaxActive:   maxRedisConns,
+		MaxIdle:     maxRedisConns,
+		IdleTimeout: 5 * time.Minute,
+		Wait:        true,
+		DialContext: func(ctx context.Context) (redis.Conn, error) {
+			return redis.DialContext(ctx, "tcp", cfg.RedisAddr, opts...)
+		},
+		// A connection that sat idle may point at a Redis that has
+		// since restarted; check it before use rather than fail the
+		// request that borrows it. Busy connections skip the check.
+		TestOnBorrowContext: func(ctx context.Context, c redis.Conn, lastUsed time.Time) error {
+			if time.Since(lastUsed) < time.Second {
+				return nil
+			}
+			_, err := redis.DoWithTimeout(c, cfg.RedisTimeout, "PING")
+			return err
 		},
 	}
+	return p
+}
+
+// countedConn takes itself off the count of open connections when closed.
+type countedConn struct {
+	net.Conn
+	open *atomic.Int64
+	once sync.Once
+}
+
+func (c *countedConn) Close() error {
+	c.once.Do(func() { c.open.Add(-1) })
+	return c.Conn.Close()
 }
 
 // conn borrows a connection for one operation and returns the deadline that
