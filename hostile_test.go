@@ -162,6 +162,14 @@ func FuzzParseSamples(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte, batchLimit uint8) {
 		maxBatch := int(batchLimit) + 1
 		samples, batch, err := parseSamples(body, maxBatch)
+		// The fast reading must agree with encoding/json's wherever it
+		// answers.
+		if fast, fastBatch, ok := scanSamples(body, maxBatch); ok {
+			slow, slowBatch, err := decodeSamples(body, maxBatch)
+			if err != nil || !slices.Equal(fast, slow) || fastBatch != slowBatch {
+				t.Fatalf("scanSamples(%q) = %v, batch %v; encoding/json reads %v, batch %v, %v", body, fast, fastBatch, slow, slowBatch, err)
+			}
+		}
 		if err != nil {
 			// Anything but a requestError would be answered 503 and logged
 			// as a store failure.

@@ -114,6 +114,14 @@ func readSamples(w http.ResponseWriter, r *http.Request, cfg config) ([]sample, 
 // parseSamples decodes and validates a whole body; it is the part of
 // ingest that sees untrusted bytes.
 func parseSamples(body []byte, maxBatch int) ([]sample, bool, error) {
+	if samples, batch, ok := scanSamples(body, maxBatch); ok {
+		return samples, batch, nil
+	}
+	return decodeSamples(body, maxBatch)
+}
+
+// decodeSamples is parseSamples by encoding/json, for any body.
+func decodeSamples(body []byte, maxBatch int) ([]sample, bool, error) {
 	switch firstByte(body) {
 	case '{':
 		s, err := parseSample(body)
@@ -270,21 +278,25 @@ func parseSample(raw []byte) (sample, error) {
 	case in.Type == nil:
 		return sample{}, errors.New("type is required")
 	}
-	at, err := parseTimestamp(*in.Timestamp)
+	return checkSample(*in.Timestamp, *in.Value, *in.Type)
+}
+
+// checkSample validates a decoded sample's fields.
+func checkSample(timestamp string, v float64, typ string) (sample, error) {
+	at, err := parseTimestamp(timestamp)
 	if err != nil {
 		return sample{}, fmt.Errorf("timestamp %w", err)
 	}
-	v := *in.Value
 	if math.IsNaN(v) || math.Abs(v) > maxAbsValue {
 		return sample{}, fmt.Errorf("value must be a finite number of magnitude at most %g", maxAbsValue)
 	}
 	if v == 0 {
 		v = 0 // -0 is stored as 0, so a minimum never reads "-0"
 	}
-	if err := validType(*in.Type); err != nil {
+	if err := validType(typ); err != nil {
 		return sample{}, err
 	}
-	return sample{typ: *in.Type, at: at, value: v}, nil
+	return sample{typ: typ, at: at, value: v}, nil
 }
 
 // Timestamps are kept to the microsecond, which Redis sorted-set scores (a
