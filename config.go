@@ -237,8 +237,12 @@ func (p *envParser) redis() (addr string, db int, user, password string) {
 		return net.JoinHostPort(host, strconv.Itoa(port)), 0, "", ""
 	}
 	u, err := url.Parse(raw)
+	shown := "(unparseable)" // never the raw value: it may hold a password
+	if err == nil {
+		shown = u.Redacted()
+	}
 	if err != nil || u.Scheme != "redis" || u.Host == "" {
-		p.fail("REDIS_URL", raw, "must look like redis://[user:password@]host:port[/db]")
+		p.fail("REDIS_URL", shown, "must look like redis://[user:password@]host:port[/db]")
 		return "", 0, "", ""
 	}
 	addr = u.Host
@@ -248,7 +252,7 @@ func (p *envParser) redis() (addr string, db int, user, password string) {
 	if path := strings.TrimPrefix(u.Path, "/"); path != "" {
 		db, err = strconv.Atoi(path)
 		if err != nil || db < 0 {
-			p.fail("REDIS_URL", raw, "database must be a whole number")
+			p.fail("REDIS_URL", shown, "database must be a whole number")
 			return "", 0, "", ""
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -588,4 +589,50 @@ func TestHealthChecksSharePing(t *testing.T) {
 	if calls < 2 || calls > 5 {
 		t.Errorf("20 concurrent health checks sent %d PINGs in all, want about 2", calls)
 	}
+}
+
+// TestHungRedisWithIdleConnections: idle connections are checked with a
+// PING before reuse, one after another; against a hung Redis that check
+// must not spend more than the borrower's own deadline.
+func TestHungRedisWithIdleConnections(t *testing.T) {
+	srv := startRedis(t)
+	cfg := testConfig(t)
+	cfg.RedisAddr = srv.addr
+	cfg.RedisTimeout = 500 * time.Millisecond
+	prefix := testPrefix()
+	pool := testPool(t, cfg, prefix)
+	lim := newRedisLimiter(pool, prefix, 5, time.Minute)
+	var conns []redis.Conn // eight idle connections in the pool
+	for range 8 {
+		c := pool.Get()
+		if _, err := c.Do("PING"); err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	time.Sleep(1100 * time.Millisecond) // idle long enough to be checked on borrow
+	srv.cmd.Process.Signal(syscall.SIGSTOP)
+	defer srv.cmd.Process.Signal(syscall.SIGCONT)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if _, err := lim.allow(ctx, "1.2.3.4", time.Now()); err == nil {
+		t.Fatal("the limiter answered with Redis stopped")
+	}
+	if d := time.Since(start); d > 400*time.Millisecond {
+		t.Errorf("the limiter took %v with Redis hung and 8 idle connections, want about its 100ms", d)
+	}
+}
+
+// memberValue reads the value out of a sorted-set member "value:id".
+func memberValue(m []byte) (float64, error) {
+	i := strings.IndexByte(string(m), ':')
+	if i < 0 {
+		return 0, fmt.Errorf("malformed sample member %q", m)
+	}
+	return strconv.ParseFloat(string(m[:i]), 64)
 }

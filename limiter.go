@@ -172,7 +172,7 @@ func inAny(a netip.Addr, prefixes []netip.Prefix) bool {
 
 // memoryLimiter counts each client's requests in the current window with an
 // atomic counter, so concurrent requests are admitted exactly. Counters of
-// past windows are dropped once per window.
+// windows before the previous one are dropped once per window.
 type memoryLimiter struct {
 	limit  int
 	window time.Duration
@@ -201,15 +201,17 @@ func (m *memoryLimiter) allow(_ context.Context, client string, now time.Time) (
 	return decide(v.(*atomic.Int64).Add(1), m.limit, reset), nil
 }
 
-// sweep drops the counters of windows before idx, the first time a request
-// of window idx arrives.
+// sweep drops the counters of windows before idx-1, the first time a
+// request of window idx arrives. The previous window's counters stay one
+// window more: a request that read the time just before the boundary may
+// still be counting in it, and must not find its counter gone.
 func (m *memoryLimiter) sweep(idx int64) {
 	prev := m.swept.Load()
 	if prev >= idx || !m.swept.CompareAndSwap(prev, idx) {
 		return
 	}
 	m.counts.Range(func(k, _ any) bool {
-		if k.(limiterKey).window < idx {
+		if k.(limiterKey).window < idx-1 {
 			m.counts.Delete(k)
 		}
 		return true

@@ -69,10 +69,12 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		Handler:           newHandler(log, cfg, tel, b),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
-		WriteTimeout:      15 * time.Second,
-		IdleTimeout:       60 * time.Second,
-		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		// Long enough for the slowest answer: an external call that runs
+		// to EXTERNAL_TIMEOUT, then its fallback.
+		WriteTimeout:   max(15*time.Second, cfg.ExternalTimeout+5*time.Second),
+		IdleTimeout:    60 * time.Second,
+		MaxHeaderBytes: 64 << 10,
+		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	log.Info("listening", "addr", ln.Addr().String(), "store", cfg.Store)
 	logOut.Flush()
@@ -85,6 +87,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		return err
 	case <-ctx.Done():
 	}
+	stop() // a second signal now ends the process at once
 	log.Info("shutting down")
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()

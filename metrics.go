@@ -17,9 +17,7 @@ import (
 
 // ---- HTTP handlers ----
 
-var (
-	storedOne = []byte(`{"message":"Metric stored successfully"}` + "\n")
-)
+var storedOne = []byte(`{"message":"Metric stored successfully"}` + "\n")
 
 func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStore) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -95,8 +93,10 @@ func readSamples(w http.ResponseWriter, r *http.Request, cfg config) ([]sample, 
 	}
 	var body []byte
 	var err error
-	if r.ContentLength > 0 {
-		// The usual case: one allocation of the declared size.
+	if r.ContentLength > 0 && r.ContentLength <= 64<<10 {
+		// The usual case: one allocation of the declared size. Larger
+		// bodies grow as they arrive, so a slow client declaring a large
+		// one holds no more memory than it has sent.
 		body = make([]byte, r.ContentLength)
 		_, err = io.ReadFull(r.Body, body)
 	} else {

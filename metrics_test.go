@@ -533,3 +533,41 @@ func TestFieldNamesAreExact(t *testing.T) {
 		}
 	}
 }
+
+// TestMemoryWindowsWhileWritesArriveOutOfOrder: windowed reads sort the
+// points when needed; a write landing out of order meanwhile must not
+// leave a read searching unsorted points.
+func TestMemoryWindowsWhileWritesArriveOutOfOrder(t *testing.T) {
+	ctx := context.Background()
+	s := newMemoryStore(1)
+	inside := make([]sample, 1000)
+	for i := range inside {
+		inside[i] = sample{typ: "cpu", at: int64(1000 - i), value: 1} // window [0, 2000)
+	}
+	if err := s.add(ctx, inside); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range 20000 {
+			// Outside the window, each earlier than the last: every write
+			// unsorts the points again.
+			if err := s.add(ctx, []sample{{typ: "cpu", at: int64(1_000_000_000 - i), value: 1}}); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	for finished := false; !finished; {
+		select {
+		case <-done:
+			finished = true
+		default:
+		}
+		st, _, err := s.summarize(ctx, "cpu", window{0, 2000})
+		if err != nil || st.count != 1000 {
+			t.Fatalf("summarize([0, 2000)) = %d, %v, want 1000", st.count, err)
+		}
+	}
+}

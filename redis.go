@@ -22,6 +22,36 @@ type redisPool struct {
 	tel     *telemetry // counts failed operations; nil counts nothing
 	pings   flightGroup
 	open    atomic.Int64 // connections open to Redis
+
+	// clockOffset is Redis's clock minus this host's, in microseconds,
+	// measured on every new connection. Deadlines sent to Redis (the
+	// ingest fence) are shifted by it, so the two clocks need not agree.
+	clockOffset atomic.Int64
+}
+
+// readClock asks Redis for its time and records how far it is from ours,
+// taking the middle of the round trip as the moment Redis read its clock.
+func (p *redisPool) readClock(ctx context.Context, c redis.Conn) error {
+	timeout := p.timeout
+	if d, ok := ctx.Deadline(); ok {
+		timeout = min(timeout, time.Until(d))
+	}
+	before := time.Now()
+	t, err := redis.Int64s(redis.DoWithTimeout(c, timeout, "TIME"))
+	if err != nil {
+		return err
+	}
+	if len(t) != 2 {
+		return errors.New("TIME: unexpected reply")
+	}
+	mid := before.Add(time.Since(before) / 2)
+	p.clockOffset.Store(t[0]*1_000_000 + t[1] - mid.UnixMicro())
+	return nil
+}
+
+// redisMicros is t on Redis's clock, in Unix microseconds.
+func (p *redisPool) redisMicros(t time.Time) int64 {
+	return t.UnixMicro() + p.clockOffset.Load()
 }
 
 // maxRedisConns bounds the connections one instance opens. Requests beyond
@@ -67,16 +97,32 @@ func newRedisPool(cfg config, tel *telemetry) *redisPool {
 		IdleTimeout: 5 * time.Minute,
 		Wait:        true,
 		DialContext: func(ctx context.Context) (redis.Conn, error) {
-			return redis.DialContext(ctx, "tcp", cfg.RedisAddr, opts...)
+			c, err := redis.DialContext(ctx, "tcp", cfg.RedisAddr, opts...)
+			if err == nil {
+				if err = p.readClock(ctx, c); err != nil {
+					c.Close()
+				}
+			}
+			return c, err
 		},
 		// A connection that sat idle may point at a Redis that has
 		// since restarted; check it before use rather than fail the
 		// request that borrows it. Busy connections skip the check.
+		// The check spends only the borrower's remaining time: redigo
+		// tries the idle connections one after another, and against a
+		// hung Redis each would otherwise take a full timeout.
 		TestOnBorrowContext: func(ctx context.Context, c redis.Conn, lastUsed time.Time) error {
 			if time.Since(lastUsed) < time.Second {
 				return nil
 			}
-			_, err := redis.DoWithTimeout(c, cfg.RedisTimeout, "PING")
+			timeout := cfg.RedisTimeout
+			if d, ok := ctx.Deadline(); ok {
+				timeout = min(timeout, time.Until(d))
+			}
+			if timeout <= 0 {
+				return context.DeadlineExceeded
+			}
+			_, err := redis.DoWithTimeout(c, timeout, "PING")
 			return err
 		},
 	}

@@ -16,6 +16,7 @@ import (
 	"runtime"
 	"runtime/pprof"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -370,5 +371,30 @@ func TestRedisPoolDeadline(t *testing.T) {
 	}
 	if d := time.Since(start); d > time.Second {
 		t.Errorf("ping of a hung Redis took %v, want about REDIS_TIMEOUT (100ms)", d)
+	}
+}
+
+func TestRedisClockOffset(t *testing.T) {
+	needRedis(t)
+	pool := testPool(t, testConfig(t), testPrefix())
+	if err := pool.ping(context.Background()); err != nil { // dials, reading Redis's clock
+		t.Fatal(err)
+	}
+	// The same host's clock: the offset is the measuring error only.
+	if off := time.Duration(pool.clockOffset.Load()) * time.Microsecond; off < -50*time.Millisecond || off > 50*time.Millisecond {
+		t.Errorf("clock offset to a Redis on this host = %v, want about 0", off)
+	}
+	// The fence is on Redis's clock: with the offset believed to be an
+	// hour behind while it is not, every write is fenced out; with it
+	// right, none is.
+	b := newRedisBackend(pool, testPrefix(), testConfig(t), time.Now)
+	one := []sample{{typ: "cpu", at: 1, value: 1}}
+	pool.clockOffset.Store(-time.Hour.Microseconds())
+	if err := b.store.add(context.Background(), one); err == nil || !strings.Contains(err.Error(), "FENCED") {
+		t.Errorf("add with the offset wrong by an hour = %v, want FENCED", err)
+	}
+	pool.clockOffset.Store(0)
+	if err := b.store.add(context.Background(), one); err != nil {
+		t.Errorf("add with the offset right = %v, want nil", err)
 	}
 }

@@ -74,7 +74,7 @@ type memoryStore struct {
 }
 
 type series struct {
-	version atomic.Uint64 // written under mu, read without it by the cache
+	version atomic.Uint64 // written under series.mu, read without it by the cache
 
 	mu     sync.RWMutex
 	agg    stats
@@ -199,24 +199,32 @@ func (m *memoryStore) summarize(_ context.Context, typ string, w window) (stats,
 		return s.agg, s.version.Load(), nil
 	}
 	s.mu.RLock()
+	if s.sorted {
+		defer s.mu.RUnlock()
+		return s.window(w), s.version.Load(), nil
+	}
+	// Out-of-order samples are sorted on the first windowed read after
+	// them, not on every write. The window is read under the same write
+	// lock: a writer slipping in between could unsort the points again.
+	s.mu.RUnlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if !s.sorted {
-		// Out-of-order samples are sorted on the first windowed read
-		// after them, not on every write.
-		s.mu.RUnlock()
-		s.mu.Lock()
 		slices.SortStableFunc(s.points, func(a, b point) int { return cmpInt64(a.at, b.at) })
 		s.sorted = true
-		s.mu.Unlock()
-		s.mu.RLock()
 	}
-	defer s.mu.RUnlock()
+	return s.window(w), s.version.Load(), nil
+}
+
+// window sums the points in w; the points must be sorted and s.mu held.
+func (s *series) window(w window) stats {
 	lo, _ := slices.BinarySearchFunc(s.points, w.from, func(p point, t int64) int { return cmpInt64(p.at, t) })
 	hi, _ := slices.BinarySearchFunc(s.points, w.to, func(p point, t int64) int { return cmpInt64(p.at, t) })
 	var st stats
 	for _, p := range s.points[lo:hi] {
 		st.add(p.value)
 	}
-	return st, s.version.Load(), nil
+	return st
 }
 
 func cmpInt64(a, b int64) int {
@@ -265,7 +273,9 @@ func newRedisStore(pool *redisPool, prefix string, maxTypes int) *redisStore {
 func (s *redisStore) typesKey() string { return s.prefix + "types" }
 
 // typeKey names one of a type's keys; the braces are its Redis Cluster
-// hash tag, so every key of a type lives in one slot.
+// hash tag, so every key of a type lives in one slot. (The ingest script
+// also touches the set of type names, and a batch may hold several types,
+// so it needs one Redis, not a Cluster; reads of one type stay in a slot.)
 func typeKey(prefix, typ, kind string) string {
 	return prefix + "{" + typ + "}:" + kind
 }
@@ -282,6 +292,7 @@ func typeKey(prefix, typ, kind string) string {
 // The fence keeps a 503 honest: a script that reaches Redis after the
 // service has given up on it (Redis stalled, or the network) stores
 // nothing, instead of storing samples the client was told were not stored.
+// It is on Redis's clock (see redisPool.clockOffset).
 var ingestScript = newScript(`
 redis.replicate_commands()
 local now = redis.call('TIME')
@@ -367,7 +378,7 @@ func (s *redisStore) add(ctx context.Context, samples []sample) error {
 		}
 		base := s.nextID.Add(uint64(len(g))) - uint64(len(g))
 		for i, smp := range g {
-			member := strconv.FormatFloat(smp.value, 'g', -1, 64) + ":" + s.idPrefix + strconv.FormatUint(base+uint64(i), 36)
+			member := fmtFloat(smp.value) + ":" + s.idPrefix + strconv.FormatUint(base+uint64(i), 36)
 			args = append(args, smp.at, member)
 		}
 	}
@@ -375,7 +386,7 @@ func (s *redisStore) add(ctx context.Context, samples []sample) error {
 		// The script must start early enough for its answer to come back
 		// before the deadline; a fifth of the round trip's budget is kept
 		// for the run and the answer.
-		args[1] = deadline.Add(-s.pool.timeout / 5).UnixMicro()
+		args[1] = s.pool.redisMicros(deadline.Add(-s.pool.timeout / 5))
 		_, err := ingestScript.run(c, deadline, keys, args...)
 		if rerr, ok := err.(redis.Error); ok {
 			if typ, found := strings.CutPrefix(string(rerr), "TOOMANYTYPES "); found {
@@ -493,15 +504,6 @@ func scoreBound(at int64, from bool) string {
 		return strconv.FormatInt(at, 10)
 	}
 	return "(" + strconv.FormatInt(at, 10)
-}
-
-// memberValue reads the value out of a sorted-set member "value:id".
-func memberValue(m []byte) (float64, error) {
-	i := strings.IndexByte(string(m), ':')
-	if i < 0 {
-		return 0, fmt.Errorf("malformed sample member %q", m)
-	}
-	return strconv.ParseFloat(string(m[:i]), 64)
 }
 
 func parseVersion(reply any) (uint64, error) {
