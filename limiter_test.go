@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -341,33 +340,8 @@ func TestLimiterStoreDown(t *testing.T) {
 // accepts and never answers, with a long REDIS_TIMEOUT: the request still
 // proceeds after the limiter's own short deadline.
 func TestLimiterHungStoreAddsOnlyItsDeadline(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var conns sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); conns.Wait() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			conns.Add(1)
-			go func() {
-				defer conns.Done()
-				defer c.Close()
-				buf := make([]byte, 512)
-				for {
-					if _, err := c.Read(buf); err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
 	cfg := testConfig(t)
-	cfg.RedisAddr = ln.Addr().String()
+	cfg.RedisAddr = hungRedis(t)
 	cfg.RedisTimeout = 3 * time.Second
 	cfg.LimiterTimeout = 100 * time.Millisecond // the default
 	pool := newRedisPool(cfg, nil)

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -382,33 +381,8 @@ func TestStoreDown(t *testing.T) {
 }
 
 func TestStoreHung(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var conns sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); conns.Wait() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			conns.Add(1)
-			go func() { // read and never answer, as a stalled Redis would
-				defer conns.Done()
-				defer c.Close()
-				buf := make([]byte, 1024)
-				for {
-					if _, err := c.Read(buf); err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
 	cfg := testConfig(t)
-	cfg.RedisAddr = ln.Addr().String()
+	cfg.RedisAddr = hungRedis(t)
 	cfg.RedisTimeout = 500 * time.Millisecond // the default
 	pool := newRedisPool(cfg, nil)
 	t.Cleanup(func() { pool.Close() })

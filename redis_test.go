@@ -343,29 +343,41 @@ func discardLogger() *slog.Logger {
 	return slog.New(slog.NewJSONHandler(io.Discard, nil))
 }
 
-func TestRedisPoolDeadline(t *testing.T) {
-	// A listener that accepts and never answers is a hung Redis.
+// hungRedis is a Redis that accepts connections, reads what it is sent and
+// never answers, as a stalled one would. It returns its address.
+func hungRedis(t *testing.T) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	var conns sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); conns.Wait() })
 	go func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			defer c.Close()
+			conns.Add(1)
+			go func() {
+				defer conns.Done()
+				defer c.Close()
+				io.Copy(io.Discard, c) // until the client hangs up
+			}()
 		}
 	}()
+	return ln.Addr().String()
+}
+
+func TestRedisPoolDeadline(t *testing.T) {
 	cfg := testConfig(t)
-	cfg.RedisAddr = ln.Addr().String()
+	cfg.RedisAddr = hungRedis(t)
 	cfg.RedisTimeout = 100 * time.Millisecond
 	pool := newRedisPool(cfg, nil)
 	defer pool.Close()
 	start := time.Now()
-	err = pool.ping(context.Background())
+	err := pool.ping(context.Background())
 	if err == nil {
 		t.Fatal("ping of a hung Redis succeeded")
 	}
