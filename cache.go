@@ -34,6 +34,8 @@ type cacheStore interface {
 	// get returns the type's current version and the entry cached for the
 	// window, if any, whatever version it was computed at.
 	get(ctx context.Context, typ string, w window) (version uint64, e cacheEntry, ok bool, err error)
+	// put stores e unless an entry of a later version is cached: a slow
+	// reader's late put must not push out a fresher summary.
 	put(ctx context.Context, typ string, w window, e cacheEntry) error
 }
 
@@ -59,8 +61,7 @@ func (c *summaryCache) get(ctx context.Context, typ string, w window) ([]byte, e
 	// Concurrent misses share one computation, but only with one that
 	// reads at least the version this request saw, so joining a flight
 	// never loses a write acknowledged before this request began.
-	key := typ + "|" + strconv.FormatInt(w.from, 10) + "|" + strconv.FormatInt(w.to, 10) + "|" + strconv.FormatUint(version, 10)
-	return c.flight.do(ctx, key, func(ctx context.Context) ([]byte, error) {
+	return c.flight.do(ctx, flightKey(typ, w, version), func(ctx context.Context) ([]byte, error) {
 		c.misses.Add(1)
 		st, v, err := c.store.summarize(ctx, typ, w)
 		if err != nil {
@@ -72,6 +73,10 @@ func (c *summaryCache) get(ctx context.Context, typ string, w window) ([]byte, e
 		_ = c.entries.put(ctx, typ, w, cacheEntry{version: v, body: body})
 		return body, nil
 	})
+}
+
+func flightKey(typ string, w window, version uint64) string {
+	return typ + "|" + strconv.FormatInt(w.from, 10) + "|" + strconv.FormatInt(w.to, 10) + "|" + strconv.FormatUint(version, 10)
 }
 
 // flightGroup runs one call per key at a time; callers that arrive while it
@@ -179,7 +184,19 @@ func (m *memoryCacheStore) get(_ context.Context, typ string, w window) (uint64,
 
 func (m *memoryCacheStore) put(_ context.Context, typ string, w window, e cacheEntry) error {
 	now := m.now().UnixNano()
-	m.entries.Store(memoryCacheKey{typ, w}, &memoryCacheEntry{e, now + int64(m.ttl)})
+	key, fresh := memoryCacheKey{typ, w}, &memoryCacheEntry{e, now + int64(m.ttl)}
+	for {
+		old, loaded := m.entries.LoadOrStore(key, fresh)
+		if !loaded {
+			break
+		}
+		if o := old.(*memoryCacheEntry); o.version > e.version && now < o.expires {
+			break
+		}
+		if m.entries.CompareAndSwap(key, old, fresh) {
+			break
+		}
+	}
 	if next := m.nextSweep.Load(); now >= next && m.nextSweep.CompareAndSwap(next, now+int64(m.ttl)) {
 		m.entries.Range(func(k, v any) bool {
 			if now >= v.(*memoryCacheEntry).expires {
@@ -248,11 +265,23 @@ func (r *redisCacheStore) get(ctx context.Context, typ string, w window) (versio
 	return version, e, ok, err
 }
 
+// cachePutScript sets KEYS[1] to ARGV[2] for ARGV[3] milliseconds unless
+// it holds an entry of a version later than ARGV[1].
+var cachePutScript = newScript(`
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local v = tonumber(string.match(cur, '^(%d+) '))
+  if v and v > tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+`)
+
 func (r *redisCacheStore) put(ctx context.Context, typ string, w window, e cacheEntry) error {
 	val := strconv.AppendUint(make([]byte, 0, 24+len(e.body)), e.version, 10)
 	val = append(append(val, ' '), e.body...)
 	return r.pool.with(ctx, "cache_put", func(c redis.Conn, deadline time.Time) error {
-		_, err := do(c, deadline, "SET", r.key(typ, w), val, "PX", max(r.ttl.Milliseconds(), 1))
+		_, err := cachePutScript.run(c, deadline, []string{r.key(typ, w)}, e.version, val, max(r.ttl.Milliseconds(), 1))
 		return err
 	})
 }

@@ -132,7 +132,7 @@ func TestCacheConcurrentMissesComputeOnce(t *testing.T) {
 			}()
 		}
 		<-gated.computed
-		key := "cpu|" + fmt.Sprint(allTime.from) + "|" + fmt.Sprint(allTime.to) + "|1"
+		key := flightKey("cpu", allTime, 1) // the version after the one add
 		for deadline := time.Now().Add(5 * time.Second); c.flight.waiting(key) < callers-1; {
 			if time.Now().After(deadline) {
 				t.Fatalf("%d callers joined the computation, want %d", c.flight.waiting(key), callers-1)
@@ -212,6 +212,32 @@ func TestCacheExpiresAfterTTL(t *testing.T) {
 		pttl, err := redis.Int64(c.Do("PTTL", key))
 		if err != nil || pttl <= 0 || pttl > time.Minute.Milliseconds() {
 			t.Errorf("PTTL %s = %d, %v; want within (0, 60000]", key, pttl, err)
+		}
+	})
+}
+
+// TestCacheLatePutKeepsNewerEntry: a slow reader that puts a summary of
+// an older version after a newer one was cached must not replace it.
+func TestCacheLatePutKeepsNewerEntry(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		ctx := context.Background()
+		if err := e.b.store.add(ctx, []sample{{typ: "cpu", at: 1, value: 1}, {typ: "cpu", at: 2, value: 1}}); err != nil {
+			t.Fatal(err)
+		}
+		entries := e.b.summaries.entries
+		for _, put := range []cacheEntry{{version: 2, body: []byte("new")}, {version: 1, body: []byte("old")}} {
+			if err := entries.put(ctx, "cpu", allTime, put); err != nil {
+				t.Fatal(err)
+			}
+		}
+		_, got, ok, err := entries.get(ctx, "cpu", allTime)
+		if err != nil || !ok || got.version != 2 || string(got.body) != "new" {
+			t.Errorf("after puts of versions 2 then 1, get = %d %q (ok %v, %v), want version 2 %q", got.version, got.body, ok, err, "new")
+		}
+		// A later version does replace it.
+		entries.put(ctx, "cpu", allTime, cacheEntry{version: 3, body: []byte("newer")})
+		if _, got, _, _ := entries.get(ctx, "cpu", allTime); got.version != 3 {
+			t.Errorf("after a put of version 3, get = version %d, want 3", got.version)
 		}
 	})
 }

@@ -601,6 +601,7 @@ func TestHungRedisWithIdleConnections(t *testing.T) {
 	cfg.RedisTimeout = 500 * time.Millisecond
 	prefix := testPrefix()
 	pool := testPool(t, cfg, prefix)
+	pool.checkIdleAfter = 0 // every idle connection is checked when borrowed
 	lim := newRedisLimiter(pool, prefix, 5, time.Minute)
 	var conns []redis.Conn // eight idle connections in the pool
 	for range 8 {
@@ -613,7 +614,6 @@ func TestHungRedisWithIdleConnections(t *testing.T) {
 	for _, c := range conns {
 		c.Close()
 	}
-	time.Sleep(1100 * time.Millisecond) // idle long enough to be checked on borrow
 	srv.cmd.Process.Signal(syscall.SIGSTOP)
 	defer srv.cmd.Process.Signal(syscall.SIGCONT)
 

@@ -23,6 +23,10 @@ type redisPool struct {
 	pings   flightGroup
 	open    atomic.Int64 // connections open to Redis
 
+	// checkIdleAfter is how long a connection may sit idle before it is
+	// checked with a PING when borrowed. Set before the pool is used.
+	checkIdleAfter time.Duration
+
 	// clockOffset is Redis's clock minus this host's, in microseconds,
 	// measured on every new connection. Deadlines sent to Redis (the
 	// ingest fence) are shifted by it, so the two clocks need not agree.
@@ -62,7 +66,7 @@ const maxRedisConns = 64
 const redisClientName = "analytics"
 
 func newRedisPool(cfg config, tel *telemetry) *redisPool {
-	p := &redisPool{timeout: cfg.RedisTimeout, tel: tel}
+	p := &redisPool{timeout: cfg.RedisTimeout, tel: tel, checkIdleAfter: time.Second}
 	if tel != nil {
 		tel.redisConns = &p.open
 	}
@@ -112,7 +116,7 @@ func newRedisPool(cfg config, tel *telemetry) *redisPool {
 		// tries the idle connections one after another, and against a
 		// hung Redis each would otherwise take a full timeout.
 		TestOnBorrowContext: func(ctx context.Context, c redis.Conn, lastUsed time.Time) error {
-			if time.Since(lastUsed) < time.Second {
+			if time.Since(lastUsed) < p.checkIdleAfter {
 				return nil
 			}
 			timeout := cfg.RedisTimeout
