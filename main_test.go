@@ -1,74 +1,15 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 )
-
-// response is what a test needs of an HTTP answer.
-type response struct {
-	status int
-	header http.Header
-	body   string
-}
-
-// json decodes the body, failing the test when it is not a JSON object.
-func (r response) json(t testing.TB) map[string]any {
-	t.Helper()
-	var m map[string]any
-	if err := json.Unmarshal([]byte(r.body), &m); err != nil {
-		t.Fatalf("body %q is not a JSON object: %v", r.body, err)
-	}
-	return m
-}
-
-// send makes one request. contentType "" sends none.
-func send(t testing.TB, method, url, contentType, body string) response {
-	t.Helper()
-	req, err := http.NewRequest(method, url, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if contentType != "" {
-		req.Header.Set("Content-Type", contentType)
-	}
-	res, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, url, err)
-	}
-	defer res.Body.Close()
-	b, err := io.ReadAll(res.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return response{res.StatusCode, res.Header, string(b)}
-}
-
-func post(t testing.TB, base, body string) response {
-	t.Helper()
-	return send(t, "POST", base+"/api/metrics", "application/json", body)
-}
-
-func get(t testing.TB, url string) response {
-	t.Helper()
-	return send(t, "GET", url, "", "")
-}
-
-// serve runs the service's handler over b on a loopback test server.
-func serve(t testing.TB, cfg config, b backend) string {
-	t.Helper()
-	srv := httptest.NewServer(newHandler(discardLogger(), cfg, newTelemetry(), b))
-	t.Cleanup(srv.Close)
-	return srv.URL
-}
 
 func TestRunServesAndStops(t *testing.T) {
 	env := map[string]string{"ADDR": "127.0.0.1:0", "LOG_LEVEL": "debug"}
@@ -91,39 +32,6 @@ func TestRunServesAndStops(t *testing.T) {
 	if _, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 		t.Error("the server still accepts connections after run returned")
 	}
-}
-
-// startRun calls run with env and returns the address it listens on, read
-// from its "listening" log line, and the channel its result arrives on.
-func startRun(t *testing.T, ctx context.Context, env map[string]string) (string, <-chan error) {
-	t.Helper()
-	pr, pw := io.Pipe()
-	done := make(chan error, 1)
-	go func() {
-		err := run(ctx, func(k string) string { return env[k] }, pw)
-		pw.Close()
-		done <- err
-	}()
-	addrc := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(pr)
-		for sc.Scan() {
-			var line struct{ Msg, Addr string }
-			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "listening" {
-				addrc <- line.Addr
-			}
-		}
-		io.Copy(io.Discard, pr)
-	}()
-	select {
-	case addr := <-addrc:
-		return addr, done
-	case err := <-done:
-		t.Fatalf("run returned %v before listening", err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("run did not log its address within 10s")
-	}
-	return "", nil
 }
 
 func TestRunRejectsBadConfig(t *testing.T) {

@@ -13,16 +13,6 @@ import (
 	"time"
 )
 
-// count is the all-time sample count of typ, read from the store itself.
-func count(t testing.TB, s metricStore, typ string) int64 {
-	t.Helper()
-	st, _, err := s.summarize(context.Background(), typ, allTime)
-	if err != nil {
-		t.Fatalf("summarize(%s): %v", typ, err)
-	}
-	return st.count
-}
-
 func TestIngestRejections(t *testing.T) {
 	long := strings.Repeat("a", 65)
 	const ok = `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`

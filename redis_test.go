@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -18,7 +17,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -208,139 +206,6 @@ func freePort() (int, error) {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
-var prefixSeq atomic.Int64
-
-// testPrefix is a key prefix no other test in this run uses.
-func testPrefix() string {
-	return fmt.Sprintf("test%d-%d:", os.Getpid(), prefixSeq.Add(1))
-}
-
-// testConfig is the default configuration with Redis pointing at the shared
-// test server and no effective rate limit.
-func testConfig(t testing.TB) config {
-	t.Helper()
-	cfg, err := loadConfig(func(string) string { return "" })
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.RedisAddr = sharedRedis.addr
-	if sharedRedis.url != "" {
-		u, _ := loadConfig(func(k string) string { return map[string]string{"REDIS_URL": sharedRedis.url}[k] })
-		cfg.RedisDB, cfg.RedisUsername, cfg.RedisPassword = u.RedisDB, u.RedisUsername, u.RedisPassword
-	}
-	// Generous deadlines: a test that is not about deadlines must not see a
-	// 503, or a limiter failing open, because the machine is busy. Tests of
-	// deadlines set their own.
-	cfg.RedisTimeout = 2 * time.Second
-	cfg.LimiterTimeout = 2 * time.Second
-	cfg.RateLimit = 1 << 30 // tests of the limiter set their own
-	return cfg
-}
-
-// testPool opens a pool for cfg, closed and cleaned of prefix's keys after
-// the test.
-func testPool(t testing.TB, cfg config, prefix string) *redisPool {
-	t.Helper()
-	pool := newRedisPool(cfg, nil)
-	t.Cleanup(func() {
-		deleteKeys(pool, prefix)
-		pool.Close()
-	})
-	return pool
-}
-
-func deleteKeys(pool *redisPool, prefix string) {
-	c := pool.Get()
-	defer c.Close()
-	cursor := "0"
-	for {
-		reply, err := redis.Values(c.Do("SCAN", cursor, "MATCH", prefix+"*", "COUNT", 1000))
-		if err != nil {
-			return
-		}
-		cursor, _ = redis.String(reply[0], nil)
-		keys, _ := redis.Strings(reply[1], nil)
-		for _, k := range keys {
-			c.Do("DEL", k)
-		}
-		if cursor == "0" {
-			return
-		}
-	}
-}
-
-// storeEnv is one store's backend for a test, with the means to open a
-// second instance over the same data (Redis only).
-type storeEnv struct {
-	name   string
-	cfg    config
-	clock  *fakeClock // every backend of the env reads time from it
-	b      backend
-	reopen func() backend // nil for memory: its data is the process's own
-	pool   *redisPool     // nil for memory
-	prefix string
-}
-
-// fakeClock is a clock that moves only when a test moves it.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newFakeClock(t time.Time) *fakeClock { return &fakeClock{t: t} }
-
-func (c *fakeClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
-
-// testEpoch is where fake clocks start: the start of a rate-limit window
-// for any window length that divides a day.
-var testEpoch = time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
-
-// forEachStore runs fn as a subtest against the memory store and against
-// Redis. mutate adjusts the configuration both get.
-func forEachStore(t *testing.T, mutate func(*config), fn func(t *testing.T, e storeEnv)) {
-	t.Helper()
-	t.Run("memory", func(t *testing.T) {
-		cfg := testConfig(t)
-		if mutate != nil {
-			mutate(&cfg)
-		}
-		clock := newFakeClock(testEpoch)
-		fn(t, storeEnv{name: "memory", cfg: cfg, clock: clock, b: newMemoryBackend(cfg, clock.now)})
-	})
-	t.Run("redis", func(t *testing.T) {
-		needRedis(t)
-		cfg := testConfig(t)
-		if mutate != nil {
-			mutate(&cfg)
-		}
-		prefix := testPrefix()
-		pool := testPool(t, cfg, prefix)
-		clock := newFakeClock(testEpoch)
-		e := storeEnv{name: "redis", cfg: cfg, clock: clock, pool: pool, prefix: prefix}
-		e.b = newRedisBackend(pool, prefix, cfg, clock.now)
-		e.reopen = func() backend {
-			p := newRedisPool(cfg, nil)
-			t.Cleanup(func() { p.Close() })
-			return newRedisBackend(p, prefix, cfg, clock.now)
-		}
-		fn(t, e)
-	})
-}
-
-func discardLogger() *slog.Logger {
-	return slog.New(slog.NewJSONHandler(io.Discard, nil))
 }
 
 // hungRedis is a Redis that accepts connections, reads what it is sent and

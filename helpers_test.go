@@ -1,0 +1,258 @@
+package main
+
+// The helpers every test file shares: one way to serve the handler and
+// make requests, one fake clock, one configuration, and forEachStore, which
+// runs a test against both stores. The test Redis itself (TestMain,
+// redis-server processes) is in redis_test.go.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gomodule/redigo/redis"
+)
+
+// response is what a test needs of an HTTP answer.
+type response struct {
+	status int
+	header http.Header
+	body   string
+}
+
+// json decodes the body, failing the test when it is not a JSON object.
+func (r response) json(t testing.TB) map[string]any {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal([]byte(r.body), &m); err != nil {
+		t.Fatalf("body %q is not a JSON object: %v", r.body, err)
+	}
+	return m
+}
+
+// send makes one request. contentType "" sends none.
+func send(t testing.TB, method, url, contentType, body string) response {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer res.Body.Close()
+	b, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return response{res.StatusCode, res.Header, string(b)}
+}
+
+func post(t testing.TB, base, body string) response {
+	t.Helper()
+	return send(t, "POST", base+"/api/metrics", "application/json", body)
+}
+
+func get(t testing.TB, url string) response {
+	t.Helper()
+	return send(t, "GET", url, "", "")
+}
+
+// serve runs the service's handler over b on a loopback test server.
+func serve(t testing.TB, cfg config, b backend) string {
+	t.Helper()
+	srv := httptest.NewServer(newHandler(discardLogger(), cfg, newTelemetry(), b))
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+// startRun calls run with env and returns the address it listens on, read
+// from its "listening" log line, and the channel its result arrives on.
+func startRun(t *testing.T, ctx context.Context, env map[string]string) (string, <-chan error) {
+	t.Helper()
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		err := run(ctx, func(k string) string { return env[k] }, pw)
+		pw.Close()
+		done <- err
+	}()
+	addrc := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			var line struct{ Msg, Addr string }
+			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "listening" {
+				addrc <- line.Addr
+			}
+		}
+		io.Copy(io.Discard, pr)
+	}()
+	select {
+	case addr := <-addrc:
+		return addr, done
+	case err := <-done:
+		t.Fatalf("run returned %v before listening", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not log its address within 10s")
+	}
+	return "", nil
+}
+
+var prefixSeq atomic.Int64
+
+// testPrefix is a key prefix no other test in this run uses.
+func testPrefix() string {
+	return fmt.Sprintf("test%d-%d:", os.Getpid(), prefixSeq.Add(1))
+}
+
+// testConfig is the default configuration with Redis pointing at the shared
+// test server and no effective rate limit.
+func testConfig(t testing.TB) config {
+	t.Helper()
+	cfg, err := loadConfig(func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.RedisAddr = sharedRedis.addr
+	if sharedRedis.url != "" {
+		u, _ := loadConfig(func(k string) string { return map[string]string{"REDIS_URL": sharedRedis.url}[k] })
+		cfg.RedisDB, cfg.RedisUsername, cfg.RedisPassword = u.RedisDB, u.RedisUsername, u.RedisPassword
+	}
+	// Generous deadlines: a test that is not about deadlines must not see a
+	// 503, or a limiter failing open, because the machine is busy. Tests of
+	// deadlines set their own.
+	cfg.RedisTimeout = 2 * time.Second
+	cfg.LimiterTimeout = 2 * time.Second
+	cfg.RateLimit = 1 << 30 // tests of the limiter set their own
+	return cfg
+}
+
+// testPool opens a pool for cfg, closed and cleaned of prefix's keys after
+// the test.
+func testPool(t testing.TB, cfg config, prefix string) *redisPool {
+	t.Helper()
+	pool := newRedisPool(cfg, nil)
+	t.Cleanup(func() {
+		deleteKeys(pool, prefix)
+		pool.Close()
+	})
+	return pool
+}
+
+func deleteKeys(pool *redisPool, prefix string) {
+	c := pool.Get()
+	defer c.Close()
+	cursor := "0"
+	for {
+		reply, err := redis.Values(c.Do("SCAN", cursor, "MATCH", prefix+"*", "COUNT", 1000))
+		if err != nil {
+			return
+		}
+		cursor, _ = redis.String(reply[0], nil)
+		keys, _ := redis.Strings(reply[1], nil)
+		for _, k := range keys {
+			c.Do("DEL", k)
+		}
+		if cursor == "0" {
+			return
+		}
+	}
+}
+
+// storeEnv is one store's backend for a test, with the means to open a
+// second instance over the same data (Redis only).
+type storeEnv struct {
+	name   string
+	cfg    config
+	clock  *fakeClock // every backend of the env reads time from it
+	b      backend
+	reopen func() backend // nil for memory: its data is the process's own
+	pool   *redisPool     // nil for memory
+	prefix string
+}
+
+// fakeClock is a clock that moves only when a test moves it.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newFakeClock(t time.Time) *fakeClock { return &fakeClock{t: t} }
+
+func (c *fakeClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+// testEpoch is where fake clocks start: the start of a rate-limit window
+// for any window length that divides a day.
+var testEpoch = time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// forEachStore runs fn as a subtest against the memory store and against
+// Redis. mutate adjusts the configuration both get.
+func forEachStore(t *testing.T, mutate func(*config), fn func(t *testing.T, e storeEnv)) {
+	t.Helper()
+	t.Run("memory", func(t *testing.T) {
+		cfg := testConfig(t)
+		if mutate != nil {
+			mutate(&cfg)
+		}
+		clock := newFakeClock(testEpoch)
+		fn(t, storeEnv{name: "memory", cfg: cfg, clock: clock, b: newMemoryBackend(cfg, clock.now)})
+	})
+	t.Run("redis", func(t *testing.T) {
+		needRedis(t)
+		cfg := testConfig(t)
+		if mutate != nil {
+			mutate(&cfg)
+		}
+		prefix := testPrefix()
+		pool := testPool(t, cfg, prefix)
+		clock := newFakeClock(testEpoch)
+		e := storeEnv{name: "redis", cfg: cfg, clock: clock, pool: pool, prefix: prefix}
+		e.b = newRedisBackend(pool, prefix, cfg, clock.now)
+		e.reopen = func() backend {
+			p := newRedisPool(cfg, nil)
+			t.Cleanup(func() { p.Close() })
+			return newRedisBackend(p, prefix, cfg, clock.now)
+		}
+		fn(t, e)
+	})
+}
+
+func discardLogger() *slog.Logger {
+	return slog.New(slog.NewJSONHandler(io.Discard, nil))
+}
+
+// count is the all-time sample count of typ, read from the store itself.
+func count(t testing.TB, s metricStore, typ string) int64 {
+	t.Helper()
+	st, _, err := s.summarize(context.Background(), typ, allTime)
+	if err != nil {
+		t.Fatalf("summarize(%s): %v", typ, err)
+	}
+	return st.count
+}
