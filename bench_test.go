@@ -268,7 +268,7 @@ func startBare(b *testing.B) string {
 func seed(b *testing.B, base string) {
 	var items []string
 	for i := 1; i <= 16; i++ {
-		items = append(items, fmt.Sprintf(`{"timestamp":"2025-01-01T10:00:00Z","value":%d,"type":"type%d"}`, i, i))
+		items = append(items, metricBody(fmt.Sprintf("type%d", i), sampleTime, float64(i)))
 	}
 	res, err := http.Post(base+"/api/metrics", "application/json", strings.NewReader("["+strings.Join(items, ",")+"]"))
 	if err != nil {

@@ -14,7 +14,7 @@ import (
 func TestCacheServesRepeatsWithoutRecomputing(t *testing.T) {
 	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
 		base := serve(t, e.cfg, e.b)
-		post(t, base, `{"timestamp":"2025-01-01T10:00:00","value":7,"type":"cpu"}`)
+		post(t, base, metricBody("cpu", sampleTime, 7))
 		for _, q := range []string{"", "&from=2025-01-01T00:00:00&to=2025-01-02T00:00:00"} {
 			before := e.b.summaries.misses.Load()
 			var first string
@@ -42,7 +42,7 @@ func TestCacheReadYourWrites(t *testing.T) {
 		}
 		var sum int
 		for i := 1; i <= 50; i++ {
-			if r := post(t, writer, fmt.Sprintf(`{"timestamp":"2025-01-01T10:00:%02d","value":%d,"type":"cpu"}`, i%60, i)); r.status != 201 {
+			if r := post(t, writer, metricBody("cpu", sampleTime.Add(time.Duration(i%60)*time.Second), float64(i))); r.status != 201 {
 				t.Fatalf("post %d: %d %s", i, r.status, r.body)
 			}
 			sum += i

@@ -103,7 +103,7 @@ func TestRedisKilledUnderLoad(t *testing.T) {
 			p := phase.Load()
 			var o result
 			if i%2 == 0 {
-				o = timed(client, "POST", base+"/api/metrics", fmt.Sprintf(`{"timestamp":"2025-01-01T10:00:00","value":%d,"type":"cpu"}`, w*100000+i))
+				o = timed(client, "POST", base+"/api/metrics", metricBody("cpu", sampleTime, float64(w*100000+i)))
 			} else {
 				o = timed(client, "GET", base+"/api/metrics/summary?metric_type=cpu", "")
 			}
@@ -203,7 +203,7 @@ func TestAcknowledgedWritesSurviveRedisRestart(t *testing.T) {
 		done <- hammer(8, stop, func(w, i int) result {
 			v := w*1_000_000 + i
 			attempts.Add(1)
-			o := timed(client, "POST", base+"/api/metrics", fmt.Sprintf(`{"timestamp":"2025-01-01T10:00:00","value":%d,"type":"durable"}`, v))
+			o := timed(client, "POST", base+"/api/metrics", metricBody("durable", sampleTime, float64(v)))
 			if o.status == 201 {
 				mu.Lock()
 				acked[v] = true
@@ -350,7 +350,7 @@ func TestRedisSlow(t *testing.T) {
 	base := serve(t, cfg, newRedisBackend(pool, prefix, cfg, time.Now))
 	client := loadClient()
 	defer client.CloseIdleConnections()
-	const sample = `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`
+	sample := metricBody("cpu", sampleTime, 1)
 	if r := post(t, base, sample); r.status != 201 {
 		t.Fatalf("post before the latency: %d", r.status)
 	}
@@ -443,7 +443,7 @@ func TestStopUnderLoad(t *testing.T) {
 	results := make(chan []result, 1)
 	go func() {
 		results <- hammer(32, stop, func(w, i int) result {
-			o := timed(client, "POST", "http://"+addr+"/api/metrics", fmt.Sprintf(`{"timestamp":"2025-01-01T10:00:00","value":%d,"type":"cpu"}`, i))
+			o := timed(client, "POST", "http://"+addr+"/api/metrics", metricBody("cpu", sampleTime, float64(i)))
 			if o.err == nil {
 				answered.Add(1)
 			} else {
@@ -515,7 +515,7 @@ func TestStalledRedisStoresNothingAnswered503(t *testing.T) {
 	// about the write that follows it.
 	b.limiter = newMemoryLimiter(cfg.RateLimit, cfg.RateWindow)
 	base := serve(t, cfg, b)
-	const one = `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`
+	one := metricBody("cpu", sampleTime, 1)
 	if r := post(t, base, one); r.status != 201 { // leaves a pooled connection
 		t.Fatalf("post with Redis up: %d %s", r.status, r.body)
 	}

@@ -68,6 +68,36 @@ func post(t testing.TB, base, body string) response {
 	return send(t, "POST", base+"/api/metrics", "application/json", body)
 }
 
+// tryPost is post for a goroutine other than the test's, which must not
+// call t.Fatal.
+func tryPost(base, body string) (response, error) {
+	res, err := http.Post(base+"/api/metrics", "application/json", strings.NewReader(body))
+	if err != nil {
+		return response{}, err
+	}
+	defer res.Body.Close()
+	b, err := io.ReadAll(res.Body)
+	return response{res.StatusCode, res.Header, string(b)}, err
+}
+
+// sampleTime is when the tests' samples happen, unless a test is about
+// time.
+var sampleTime = time.Date(2025, 1, 1, 10, 0, 0, 0, time.UTC)
+
+// metricBody is the JSON of one metric, as a client sends it. Tests of the
+// body's format write theirs out in full instead.
+func metricBody(typ string, at time.Time, v float64) string {
+	b, err := json.Marshal(struct {
+		Timestamp time.Time `json:"timestamp"`
+		Value     float64   `json:"value"`
+		Type      string    `json:"type"`
+	}{at, v, typ})
+	if err != nil {
+		panic(err) // a NaN or an infinity: a mistake in the test
+	}
+	return string(b)
+}
+
 func get(t testing.TB, url string) response {
 	t.Helper()
 	return send(t, "GET", url, "", "")

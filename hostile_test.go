@@ -389,7 +389,7 @@ func TestBodyOverLimitChunked(t *testing.T) {
 	pr, pw := io.Pipe()
 	var written atomic.Int64
 	go func() {
-		chunk := []byte(strings.Repeat(`{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"},`, 512))
+		chunk := []byte(strings.Repeat(metricBody("cpu", sampleTime, 1)+",", 512))
 		pw.Write([]byte("["))
 		for written.Load() < total {
 			n, err := pw.Write(chunk)
@@ -506,7 +506,7 @@ func TestTypeFloodBounded(t *testing.T) {
 	forEachStore(t, func(c *config) { c.MaxTypes = maxTypes }, func(t *testing.T, e storeEnv) {
 		base := serve(t, e.cfg, e.b)
 		metric := func(typ string) string {
-			return `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"` + typ + `"}`
+			return metricBody(typ, sampleTime, 1)
 		}
 		refused := func(r response) bool {
 			var body errorBody
@@ -579,16 +579,4 @@ func TestTypeFloodBounded(t *testing.T) {
 			}
 		}
 	})
-}
-
-// tryPost is post for a goroutine other than the test's, which must not
-// call t.Fatal.
-func tryPost(base, body string) (response, error) {
-	res, err := http.Post(base+"/api/metrics", "application/json", strings.NewReader(body))
-	if err != nil {
-		return response{}, err
-	}
-	defer res.Body.Close()
-	b, err := io.ReadAll(res.Body)
-	return response{res.StatusCode, res.Header, string(b)}, err
 }

@@ -63,7 +63,7 @@ func TestLimiterHeaders(t *testing.T) {
 	forEachStore(t, func(c *config) { c.RateLimit, c.RateWindow = 2, time.Minute }, func(t *testing.T, e storeEnv) {
 		base := serve(t, e.cfg, e.b)
 		e.clock.advance(20*time.Second + 300*time.Millisecond)
-		const good = `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`
+		good := metricBody("cpu", sampleTime, 1)
 		for i, s := range []struct {
 			body       string
 			status     int
@@ -122,15 +122,12 @@ func TestLimiterExactUnderConcurrency(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				base := instances[i%len(instances)]
-				req, _ := http.NewRequest("POST", base+"/api/metrics",
-					strings.NewReader(`{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`))
-				res, err := http.DefaultClient.Do(req)
+				r, err := tryPost(base, metricBody("cpu", sampleTime, 1))
 				if err != nil {
 					t.Error(err)
 					return
 				}
-				res.Body.Close()
-				statuses <- res.StatusCode
+				statuses <- r.status
 			}()
 		}
 		wg.Wait()
@@ -240,7 +237,7 @@ func TestClientKey(t *testing.T) {
 
 func postFrom(t *testing.T, base, xff string) int {
 	t.Helper()
-	req, _ := http.NewRequest("POST", base+"/api/metrics", strings.NewReader(`{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`))
+	req, _ := http.NewRequest("POST", base+"/api/metrics", strings.NewReader(metricBody("cpu", sampleTime, 1)))
 	req.Header.Set("X-Forwarded-For", xff)
 	res, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -305,7 +302,7 @@ func TestLimiterStoreDown(t *testing.T) {
 			b := newMemoryBackend(cfg, time.Now)
 			b.limiter = newRedisLimiter(testPool(t, cfg, prefix), prefix, cfg.RateLimit, cfg.RateWindow)
 			base := serve(t, cfg, b)
-			if r := post(t, base, `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`); r.status != 201 || r.header.Get("X-RateLimit-Remaining") != "99" {
+			if r := post(t, base, metricBody("cpu", sampleTime, 1)); r.status != 201 || r.header.Get("X-RateLimit-Remaining") != "99" {
 				t.Fatalf("with Redis up: %d remaining %s", r.status, r.header.Get("X-RateLimit-Remaining"))
 			}
 			srv.kill()
@@ -314,7 +311,7 @@ func TestLimiterStoreDown(t *testing.T) {
 				body     string
 				openWant int
 			}{
-				{`{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`, 201},
+				{metricBody("cpu", sampleTime, 1), 201},
 				{`{"bad":`, 422}, // fail-open lets it through to validation
 			} {
 				r := post(t, base, tc.body)
@@ -350,7 +347,7 @@ func TestLimiterHungStoreAddsOnlyItsDeadline(t *testing.T) {
 	b.limiter = newRedisLimiter(pool, "", cfg.RateLimit, cfg.RateWindow)
 	base := serve(t, cfg, b)
 	start := time.Now()
-	r := post(t, base, `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`)
+	r := post(t, base, metricBody("cpu", sampleTime, 1))
 	if d := time.Since(start); d > time.Second {
 		t.Errorf("POST with a hung limiter store took %v, want about the limiter's %v deadline", d, cfg.LimiterTimeout)
 	}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"net/http"
 	"strings"
 	"sync"
 	"testing"
@@ -15,7 +14,7 @@ import (
 
 func TestIngestRejections(t *testing.T) {
 	long := strings.Repeat("a", 65)
-	const ok = `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`
+	ok := metricBody("cpu", sampleTime, 1)
 	forEachStore(t, func(c *config) {
 		c.MaxBatch = 3
 		c.MaxBodyBytes = 300
@@ -24,7 +23,7 @@ func TestIngestRejections(t *testing.T) {
 		base := serve(t, e.cfg, e.b)
 		// Fill MAX_TYPES so that a fourth type is refused.
 		for _, typ := range []string{"t1", "t2"} {
-			if r := post(t, base, `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"`+typ+`"}`); r.status != 201 {
+			if r := post(t, base, metricBody(typ, sampleTime, 1)); r.status != 201 {
 				t.Fatalf("seeding %s: %d %s", typ, r.status, r.body)
 			}
 		}
@@ -56,7 +55,7 @@ func TestIngestRejections(t *testing.T) {
 			{"type with space", "", `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu load"}`, 422, "type"},
 			{"type with brace", "", `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu}"}`, 422, "type"},
 			{"type number", "", `{"timestamp":"2025-01-01T10:00:00","value":1,"type":7}`, 422, "type"},
-			{"type beyond MAX_TYPES", "", `[{"timestamp":"2025-01-01T10:00:00","value":1,"type":"t1"},{"timestamp":"2025-01-01T10:00:00","value":1,"type":"t3"},{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}]`, 422, `item 2: type "cpu" is new`},
+			{"type beyond MAX_TYPES", "", "[" + metricBody("t1", sampleTime, 1) + "," + metricBody("t3", sampleTime, 1) + "," + ok + "]", 422, `item 2: type "cpu" is new`},
 			{"empty batch", "", `[]`, 422, "empty"},
 			{"batch over MAX_BATCH", "", `[` + ok + `,` + ok + `,` + ok + `,` + ok + `]`, 422, "limit"},
 			{"bad item in batch", "", `[` + ok + `,` + ok + `,{"timestamp":"2025-01-01T10:00:00","value":"x","type":"cpu"}]`, 422, "item 2"},
@@ -149,16 +148,14 @@ func TestConcurrentWritersExact(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				for i := range posts {
-					body := fmt.Sprintf(`{"timestamp":"2025-01-01T10:%02d:%02d","value":%d,"type":"cpu"}`, w, i%60, w*1000+i)
-					req, _ := http.NewRequest("POST", base+"/api/metrics", strings.NewReader(body))
-					res, err := http.DefaultClient.Do(req)
+					at := sampleTime.Add(time.Duration(w)*time.Minute + time.Duration(i%60)*time.Second)
+					r, err := tryPost(base, metricBody("cpu", at, float64(w*1000+i)))
 					if err != nil {
 						errs <- err.Error()
 						continue
 					}
-					res.Body.Close()
-					if res.StatusCode != 201 {
-						errs <- fmt.Sprintf("status %d", res.StatusCode)
+					if r.status != 201 {
+						errs <- fmt.Sprintf("status %d", r.status)
 					}
 				}
 			}()
@@ -288,14 +285,14 @@ func TestRedisSharedAcrossInstances(t *testing.T) {
 		}
 		first := serve(t, e.cfg, e.b)
 		second := serve(t, e.cfg, e.reopen())
-		if r := post(t, first, `{"timestamp":"2025-01-01T10:00:00","value":7,"type":"cpu"}`); r.status != 201 {
+		if r := post(t, first, metricBody("cpu", sampleTime, 7)); r.status != 201 {
 			t.Fatal(r.status, r.body)
 		}
 		// The second instance caches the summary, then sees the first's next write.
 		if r := get(t, second+"/api/metrics/summary?metric_type=cpu"); !strings.Contains(r.body, `"count":1,`) {
 			t.Errorf("second instance: %s, want count 1", r.body)
 		}
-		if r := post(t, first, `{"timestamp":"2025-01-01T10:00:01","value":9,"type":"cpu"}`); r.status != 201 {
+		if r := post(t, first, metricBody("cpu", sampleTime.Add(time.Second), 9)); r.status != 201 {
 			t.Fatal(r.status, r.body)
 		}
 		if r := get(t, second+"/api/metrics/summary?metric_type=cpu"); !strings.Contains(r.body, `"count":2,"average":8,"sum":16,"min":7,"max":9`) {
@@ -316,7 +313,7 @@ func TestRedisTypeKeysShareHashTag(t *testing.T) {
 			t.Skip("Redis keys only")
 		}
 		base := serve(t, e.cfg, e.b)
-		post(t, base, `{"timestamp":"2025-01-01T10:00:00","value":7,"type":"cpu"}`)
+		post(t, base, metricBody("cpu", sampleTime, 7))
 		get(t, base+"/api/metrics/summary?metric_type=cpu")
 		c := e.pool.Get()
 		defer c.Close()
@@ -345,7 +342,7 @@ func TestStoreDown(t *testing.T) {
 	prefix := testPrefix()
 	b := newRedisBackend(testPool(t, cfg, prefix), prefix, cfg, time.Now)
 	base := serve(t, cfg, b)
-	const sample = `{"timestamp":"2025-01-01T10:00:00","value":7,"type":"cpu"}`
+	sample := metricBody("cpu", sampleTime, 7)
 	if r := post(t, base, sample); r.status != 201 {
 		t.Fatalf("post with Redis up: %d %s", r.status, r.body)
 	}
@@ -377,7 +374,7 @@ func TestStoreHung(t *testing.T) {
 	pool := newRedisPool(cfg, nil)
 	t.Cleanup(func() { pool.Close() })
 	base := serve(t, cfg, newRedisBackend(pool, "", cfg, time.Now))
-	expectUnavailable(t, base, `{"timestamp":"2025-01-01T10:00:00","value":7,"type":"cpu"}`)
+	expectUnavailable(t, base, metricBody("cpu", sampleTime, 7))
 }
 
 func expectUnavailable(t *testing.T, base, sample string) {

@@ -53,9 +53,9 @@ func TestMetricsCountersMove(t *testing.T) {
 			method, path, body string
 			status             int
 		}{
-			{"POST", "/api/metrics", `[{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"},{"timestamp":"2025-01-01T10:00:00","value":2,"type":"cpu"}]`, 201},
+			{"POST", "/api/metrics", "[" + metricBody("cpu", sampleTime, 1) + "," + metricBody("cpu", sampleTime, 2) + "]", 201},
 			{"POST", "/api/metrics", `{"bad":`, 422},
-			{"POST", "/api/metrics", `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`, 429},
+			{"POST", "/api/metrics", metricBody("cpu", sampleTime, 1), 429},
 			{"GET", "/api/metrics/summary?metric_type=cpu", "", 200}, // miss
 			{"GET", "/api/metrics/summary?metric_type=cpu", "", 200}, // hit
 			{"GET", "/external", "", 200},                            // fails: the breaker opens
@@ -105,7 +105,7 @@ func TestMetricsStoreErrorsCounted(t *testing.T) {
 	t.Cleanup(func() { pool.Close() })
 	srv := httptest.NewServer(newHandler(discardLogger(), cfg, tel, newRedisBackend(pool, "", cfg, time.Now)))
 	t.Cleanup(srv.Close)
-	post(t, srv.URL, `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`)
+	post(t, srv.URL, metricBody("cpu", sampleTime, 1))
 	get(t, srv.URL+"/api/metrics/summary?metric_type=cpu")
 	get(t, srv.URL+"/health")
 	m := scrape(t, srv.URL)
@@ -139,7 +139,7 @@ func TestMetricsPassPromtool(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.ExternalLatency, cfg.ExternalFailureRate, cfg.BreakerThreshold = 0, 1, 1
 	base := serve(t, cfg, newMemoryBackend(cfg, time.Now))
-	post(t, base, `{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`)
+	post(t, base, metricBody("cpu", sampleTime, 1))
 	get(t, base+"/api/metrics/summary?metric_type=cpu")
 	get(t, base+"/external")
 	get(t, base+"/nope")
@@ -196,7 +196,7 @@ func TestAccessLog(t *testing.T) {
 		{"has space", false},
 		{strings.Repeat("x", 129), false},
 	} {
-		req, _ := http.NewRequest("POST", srv.URL+"/api/metrics", strings.NewReader(`{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}`))
+		req, _ := http.NewRequest("POST", srv.URL+"/api/metrics", strings.NewReader(metricBody("cpu", sampleTime, 1)))
 		if tc.sentID != "" {
 			req.Header.Set("X-Request-ID", tc.sentID)
 		}
