@@ -185,10 +185,14 @@ func (s *redisServer) restart(t testing.TB) {
 }
 
 // startRedis starts a redis-server owned by one test and stopped after it.
+// REDIS_URL is no substitute: the test kills and restarts its server.
 func startRedis(t testing.TB, extra ...string) *redisServer {
 	t.Helper()
 	needRedis(t)
 	if _, err := exec.LookPath("redis-server"); err != nil {
+		if os.Getenv("REQUIRE_REDIS") == "1" {
+			t.Fatal("REQUIRE_REDIS=1 and redis-server, which this test starts and kills, is not on PATH")
+		}
 		t.Skip("this test starts and kills its own redis-server, which is not on PATH")
 	}
 	s, err := startRedisServer(t.TempDir(), extra...)
