@@ -278,59 +278,53 @@ func TestSummaryWindows(t *testing.T) {
 	})
 }
 
+// TestRedisSharedAcrossInstances: instances on one Redis share its data
+// (the memory store belongs to one process).
 func TestRedisSharedAcrossInstances(t *testing.T) {
-	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
-		if e.reopen == nil {
-			t.Skip("the memory store belongs to one process")
-		}
-		first := serve(t, e.cfg, e.b)
-		second := serve(t, e.cfg, e.reopen())
-		if r := post(t, first, metricBody("cpu", sampleTime, 7)); r.status != 201 {
-			t.Fatal(r.status, r.body)
-		}
-		// The second instance caches the summary, then sees the first's next write.
-		if r := get(t, second+"/api/metrics/summary?metric_type=cpu"); !strings.Contains(r.body, `"count":1,`) {
-			t.Errorf("second instance: %s, want count 1", r.body)
-		}
-		if r := post(t, first, metricBody("cpu", sampleTime.Add(time.Second), 9)); r.status != 201 {
-			t.Fatal(r.status, r.body)
-		}
-		if r := get(t, second+"/api/metrics/summary?metric_type=cpu"); !strings.Contains(r.body, `"count":2,"average":8,"sum":16,"min":7,"max":9`) {
-			t.Errorf("second instance after another write to the first: %s, want count 2 sum 16", r.body)
-		}
-		// Data outlives the pool it was written through.
-		e.pool.Close()
-		third := serve(t, e.cfg, e.reopen())
-		if r := get(t, third+"/api/metrics/summary?metric_type=cpu&from=2025-01-01T10:00:01"); !strings.Contains(r.body, `"count":1,"average":9`) {
-			t.Errorf("reopened store: %s, want the second sample", r.body)
-		}
-	})
+	e := redisStoreEnv(t, nil)
+	first := serve(t, e.cfg, e.b)
+	second := serve(t, e.cfg, e.reopen())
+	if r := post(t, first, metricBody("cpu", sampleTime, 7)); r.status != 201 {
+		t.Fatal(r.status, r.body)
+	}
+	// The second instance caches the summary, then sees the first's next write.
+	if r := get(t, second+"/api/metrics/summary?metric_type=cpu"); !strings.Contains(r.body, `"count":1,`) {
+		t.Errorf("second instance: %s, want count 1", r.body)
+	}
+	if r := post(t, first, metricBody("cpu", sampleTime.Add(time.Second), 9)); r.status != 201 {
+		t.Fatal(r.status, r.body)
+	}
+	if r := get(t, second+"/api/metrics/summary?metric_type=cpu"); !strings.Contains(r.body, `"count":2,"average":8,"sum":16,"min":7,"max":9`) {
+		t.Errorf("second instance after another write to the first: %s, want count 2 sum 16", r.body)
+	}
+	// Data outlives the pool it was written through.
+	e.pool.Close()
+	third := serve(t, e.cfg, e.reopen())
+	if r := get(t, third+"/api/metrics/summary?metric_type=cpu&from=2025-01-01T10:00:01"); !strings.Contains(r.body, `"count":1,"average":9`) {
+		t.Errorf("reopened store: %s, want the second sample", r.body)
+	}
 }
 
 func TestRedisTypeKeysShareHashTag(t *testing.T) {
-	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
-		if e.pool == nil {
-			t.Skip("Redis keys only")
+	e := redisStoreEnv(t, nil)
+	base := serve(t, e.cfg, e.b)
+	post(t, base, metricBody("cpu", sampleTime, 7))
+	get(t, base+"/api/metrics/summary?metric_type=cpu")
+	c := e.pool.Get()
+	defer c.Close()
+	keys, err := c.Do("KEYS", e.prefix+"*cpu*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks := keys.([]any)
+	if len(ks) != 5 {
+		t.Errorf("keys of type cpu: %d, want 5 (agg, ts, b, bi and a cached summary)", len(ks))
+	}
+	for _, k := range ks {
+		if s := string(k.([]byte)); !strings.HasPrefix(s, e.prefix+"{cpu}:") {
+			t.Errorf("key %q does not carry the hash tag {cpu}", s)
 		}
-		base := serve(t, e.cfg, e.b)
-		post(t, base, metricBody("cpu", sampleTime, 7))
-		get(t, base+"/api/metrics/summary?metric_type=cpu")
-		c := e.pool.Get()
-		defer c.Close()
-		keys, err := c.Do("KEYS", e.prefix+"*cpu*")
-		if err != nil {
-			t.Fatal(err)
-		}
-		ks := keys.([]any)
-		if len(ks) != 5 {
-			t.Errorf("keys of type cpu: %d, want 5 (agg, ts, b, bi and a cached summary)", len(ks))
-		}
-		for _, k := range ks {
-			if s := string(k.([]byte)); !strings.HasPrefix(s, e.prefix+"{cpu}:") {
-				t.Errorf("key %q does not carry the hash tag {cpu}", s)
-			}
-		}
-	})
+	}
 }
 
 // TestStoreDown checks that a dead or hung Redis gives 503 JSON, quickly,
