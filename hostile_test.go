@@ -436,8 +436,9 @@ func heapAlloc() int64 {
 }
 
 // TestLimiterFloodBounded: one request from each of 100,000 addresses fills
-// the limiter; the window after the next must drop every counter of it and
-// give the memory back. Not parallel: it measures the process's heap.
+// the limiter; a sweep in the window after the next must drop every counter
+// of it and give the memory back. Not parallel: it measures the process's
+// heap.
 func TestLimiterFloodBounded(t *testing.T) {
 	const clients = 100_000
 	// The heap is the whole process's, and goroutines that earlier tests
@@ -460,11 +461,6 @@ func limiterFlood(t *testing.T, clients int) string {
 	t.Helper()
 	ctx := context.Background()
 	lim := newMemoryLimiter(5, time.Minute)
-	entries := func() int {
-		n := 0
-		lim.counts.Range(func(any, any) bool { n++; return true })
-		return n
-	}
 	before := heapAlloc()
 	for i := range clients {
 		addr := netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}).String()
@@ -474,12 +470,13 @@ func limiterFlood(t *testing.T, clients int) string {
 		}
 	}
 	flooded := heapAlloc()
-	if n := entries(); n != clients {
+	if n := counters(lim); n != clients {
 		t.Fatalf("%d counters after %d clients, want %d", n, clients, clients)
 	}
 	lim.allow(ctx, "192.0.2.1", testEpoch.Add(time.Minute))
 	lim.allow(ctx, "192.0.2.1", testEpoch.Add(2*time.Minute))
-	if n := entries(); n != 2 {
+	lim.sweep(testEpoch.Add(2 * time.Minute))
+	if n := counters(lim); n != 2 {
 		t.Fatalf("%d counters two windows later, want 2 (this window's and the last)", n)
 	}
 	after := heapAlloc()

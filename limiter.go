@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"log/slog"
+	"math"
 	"net/http"
 	"strconv"
 	"sync"
@@ -103,13 +104,15 @@ func ceilSeconds(d time.Duration) int64 {
 
 // memoryLimiter counts each client's requests in the current window with an
 // atomic counter, so concurrent requests are admitted exactly. Counters of
-// windows before the previous one are dropped once per window.
+// past windows are dropped by sweep, which run calls in the background:
+// never by allow, since a sweep ranges over every counter (a third of a
+// second after a million clients) and no request should wait for that.
 type memoryLimiter struct {
 	limit  int
 	window time.Duration
 
-	counts sync.Map // limiterKey -> *atomic.Int64
-	swept  atomic.Int64
+	counts sync.Map     // limiterKey -> *atomic.Int64
+	swept  atomic.Int64 // the window of the last sweep
 }
 
 type limiterKey struct {
@@ -118,12 +121,13 @@ type limiterKey struct {
 }
 
 func newMemoryLimiter(limit int, window time.Duration) *memoryLimiter {
-	return &memoryLimiter{limit: limit, window: window}
+	m := &memoryLimiter{limit: limit, window: window}
+	m.swept.Store(math.MinInt64) // the first sweep runs, whatever the window
+	return m
 }
 
 func (m *memoryLimiter) allow(_ context.Context, client string, now time.Time) (decision, error) {
 	idx, reset := windowOf(now, m.window)
-	m.sweep(idx)
 	k := limiterKey{client, idx}
 	v, ok := m.counts.Load(k)
 	if !ok {
@@ -132,11 +136,13 @@ func (m *memoryLimiter) allow(_ context.Context, client string, now time.Time) (
 	return decide(v.(*atomic.Int64).Add(1), m.limit, reset), nil
 }
 
-// sweep drops the counters of windows before idx-1, the first time a
-// request of window idx arrives. The previous window's counters stay one
-// window more: a request that read the time just before the boundary may
-// still be counting in it, and must not find its counter gone.
-func (m *memoryLimiter) sweep(idx int64) {
+// sweep drops the counters of windows before the one preceding now's. The
+// previous window's counters stay one window more: a request that read the
+// time just before the boundary may still be counting in it, and must not
+// find its counter gone. Only the first sweep in a window does any work, so
+// it can be called often.
+func (m *memoryLimiter) sweep(now time.Time) {
+	idx, _ := windowOf(now, m.window)
 	prev := m.swept.Load()
 	if prev >= idx || !m.swept.CompareAndSwap(prev, idx) {
 		return
@@ -147,6 +153,14 @@ func (m *memoryLimiter) sweep(idx int64) {
 		}
 		return true
 	})
+}
+
+// limiterSweepEvery is how often run calls the memory limiter's sweep: four
+// times a window, so a window's counters go within a quarter window of
+// the moment they may, but not more often than every 100 ms however short
+// the window.
+func limiterSweepEvery(window time.Duration) time.Duration {
+	return max(window/4, 100*time.Millisecond)
 }
 
 // ---- Redis ----

@@ -181,6 +181,13 @@ func TestRedisLimiterKeysExpire(t *testing.T) {
 	}
 }
 
+// counters is how many counters lim holds, of every window.
+func counters(lim *memoryLimiter) int {
+	n := 0
+	lim.counts.Range(func(any, any) bool { n++; return true })
+	return n
+}
+
 func TestMemoryLimiterDropsPastWindows(t *testing.T) {
 	lim := newMemoryLimiter(5, time.Minute)
 	ctx := context.Background()
@@ -188,11 +195,39 @@ func TestMemoryLimiterDropsPastWindows(t *testing.T) {
 		lim.allow(ctx, fmt.Sprintf("10.0.%d.%d", i/256, i%256), testEpoch)
 	}
 	lim.allow(ctx, "10.9.9.9", testEpoch.Add(time.Minute))
+	for _, step := range []struct {
+		at   time.Duration // of the sweep, after testEpoch
+		want int
+	}{
+		{59 * time.Second, 1001}, // the first window is the current one
+		{time.Minute, 1001},      // the first window is the previous one: kept
+		{2 * time.Minute, 1},     // the first window's 1000 go; the second's stays
+		{2*time.Minute + time.Second, 1},
+		{3 * time.Minute, 0},
+	} {
+		lim.sweep(testEpoch.Add(step.at))
+		if n := counters(lim); n != step.want {
+			t.Errorf("after sweep(t0+%v): %d counters, want %d", step.at, n, step.want)
+		}
+	}
+}
+
+// TestMemoryLimiterAllowDoesNotSweep: a request never pays for dropping
+// past windows' counters; they stay until sweep runs.
+func TestMemoryLimiterAllowDoesNotSweep(t *testing.T) {
+	lim := newMemoryLimiter(5, time.Minute)
+	ctx := context.Background()
+	for i := range 1000 {
+		lim.allow(ctx, fmt.Sprintf("10.0.%d.%d", i/256, i%256), testEpoch)
+	}
 	lim.allow(ctx, "10.9.9.9", testEpoch.Add(2*time.Minute))
-	n := 0
-	lim.counts.Range(func(any, any) bool { n++; return true })
-	if n != 2 { // the current window's and the previous one's
-		t.Errorf("%d counters two windows later, want 2", n)
+	lim.allow(ctx, "10.9.9.9", testEpoch.Add(5*time.Minute))
+	if n := counters(lim); n != 1002 {
+		t.Errorf("%d counters after requests five windows later, want all 1002: allow must not sweep", n)
+	}
+	lim.sweep(testEpoch.Add(5 * time.Minute))
+	if n := counters(lim); n != 1 {
+		t.Errorf("%d counters after the sweep, want 1 (this window's)", n)
 	}
 }
 

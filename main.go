@@ -76,6 +76,11 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		MaxHeaderBytes: 64 << 10,
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	// Deferred after closeBackend, so it runs first: the upkeep has
+	// stopped before the backend closes.
+	stopUpkeep := startUpkeep(ctx, cfg, b)
+	defer stopUpkeep()
+
 	log.Info("listening", "addr", ln.Addr().String(), "store", cfg.Store)
 	logOut.Flush()
 
@@ -105,6 +110,10 @@ type backend struct {
 	limiter   limiter
 	ping      func(context.Context) error
 	now       func() time.Time
+	// sweep drops the memory limiter's counters of past windows; run calls
+	// it in the background. Nil for Redis, whose counters expire by
+	// themselves.
+	sweep func(time.Time)
 }
 
 // openBackend builds the configured backend and returns the function that
@@ -126,12 +135,14 @@ func openBackend(cfg config, tel *telemetry, log *slog.Logger) (backend, func(),
 
 func newMemoryBackend(cfg config, now func() time.Time) backend {
 	s := newMemoryStore(cfg.MaxTypes)
+	lim := newMemoryLimiter(cfg.RateLimit, cfg.RateWindow)
 	return backend{
 		store:     s,
 		summaries: newSummaryCache(s, newMemoryCacheStore(s, cfg.CacheTTL, now)),
-		limiter:   newMemoryLimiter(cfg.RateLimit, cfg.RateWindow),
+		limiter:   lim,
 		ping:      func(context.Context) error { return nil },
 		now:       now,
+		sweep:     lim.sweep,
 	}
 }
 
