@@ -472,8 +472,10 @@ func TestStopUnderLoad(t *testing.T) {
 		switch {
 		case o.err == nil && o.status == 201:
 			ok++
-		case o.err == nil && o.status != 503: // 503: Redis was slow on a busy machine
-			t.Errorf("status %d during shutdown, want 201 or 503", o.status)
+		case o.err == nil:
+			if o.status != 503 { // 503: Redis was slow on a busy machine
+				t.Errorf("status %d during shutdown, want 201 or 503", o.status)
+			}
 		case strings.Contains(o.err.Error(), "not JSON"):
 			t.Errorf("incomplete answer: %v", o.err)
 		default:
