@@ -17,13 +17,17 @@ func startUpkeep(ctx context.Context, cfg config, b backend) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	if b.sweep != nil {
-		wg.Go(func() { every(ctx, limiterSweepEvery(cfg.RateWindow), b.now, b.sweep) })
+		wg.Go(func() { every(ctx, min(sweepEvery, limiterSweepEvery(cfg.RateWindow)), b.now, b.sweep) })
 	}
 	return func() {
 		cancel()
 		wg.Wait()
 	}
 }
+
+// sweepEvery is how often the memory store and cache drop what retention
+// and CACHE_TTL no longer keep.
+const sweepEvery = time.Second
 
 // every calls fn(now()) every d until ctx is done, and returns then. The
 // ticker is its only wait: a call that takes longer than d delays the next

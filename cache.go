@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	_ "embed"
+	"encoding/json"
 	"errors"
 	"strconv"
 	"sync"
@@ -12,71 +14,99 @@ import (
 	"github.com/gomodule/redigo/redis"
 )
 
-// summaryCache is the read-through cache in front of the store's summaries.
+// readCache is the read-through cache in front of summaries and series.
 //
-// Every entry records the version of its type that its summary was computed
+// Every entry records the version of its type that its answer was computed
 // at, and an entry is served only while that is still the type's current
 // version. Each ingest bumps the version in the same atomic step that stores
 // its samples, so once a POST has been acknowledged no entry computed before
-// it can be served again: a slow reader that stores an old summary late
+// it can be served again: a slow reader that stores an old answer late
 // stores it under an old version, where nobody will read it. Nothing is
 // invalidated, so there is no invalidation to race with.
-type summaryCache struct {
-	store   metricStore
+type readCache struct {
 	entries cacheStore
 	flight  flightGroup
 
 	hits, misses atomic.Uint64
 }
 
-// cacheStore keeps rendered summaries for CACHE_TTL.
+// cacheStore keeps answers for CACHE_TTL, at most CACHE_MAX_ENTRIES of
+// them.
 type cacheStore interface {
-	// get returns the type's current version and the entry cached for the
-	// window, if any, whatever version it was computed at.
-	get(ctx context.Context, typ string, w window) (version uint64, e cacheEntry, ok bool, err error)
+	// get returns the type's current version and the entry cached under
+	// key, if any, whatever version it was computed at.
+	get(ctx context.Context, typ, key string) (version uint64, e cacheEntry, ok bool, err error)
 	// put stores e unless an entry of a later version is cached: a slow
-	// reader's late put must not push out a fresher summary.
-	put(ctx context.Context, typ string, w window, e cacheEntry) error
+	// reader's late put must not push out a fresher answer.
+	put(ctx context.Context, typ, key string, e cacheEntry) error
 }
 
+// cacheEntry is an answer and the version it was computed at. The memory
+// store keeps the answer itself; Redis keeps it encoded, in raw.
 type cacheEntry struct {
 	version uint64
-	body    []byte
+	value   any
+	raw     []byte
 }
 
-func newSummaryCache(store metricStore, entries cacheStore) *summaryCache {
-	return &summaryCache{store: store, entries: entries}
+// maxCachedBytes bounds one cached answer, so the cache's size is bounded
+// by CACHE_MAX_ENTRIES times this. A larger answer (a series of thousands
+// of points) is computed every time.
+const maxCachedBytes = 64 << 10
+
+// sized is an answer that knows about how many bytes it takes; answers
+// that do not are small.
+type sized interface{ approxBytes() int }
+
+func tooBigToCache(v any) bool {
+	s, ok := v.(sized)
+	return ok && s.approxBytes() > maxCachedBytes
 }
 
-// get returns the rendered summary of typ over w.
-func (c *summaryCache) get(ctx context.Context, typ string, w window) ([]byte, error) {
-	version, e, ok, err := c.entries.get(ctx, typ, w)
+func newReadCache(entries cacheStore) *readCache {
+	return &readCache{entries: entries}
+}
+
+// cachedRead returns the answer cached under key for typ, or computes it.
+// compute returns the answer and the type's version it reflects (the
+// earliest version it read, so the answer holds everything up to it).
+func cachedRead[T any](ctx context.Context, c *readCache, typ, key string, compute func(context.Context) (T, uint64, error)) (T, error) {
+	var zero T
+	version, e, ok, err := c.entries.get(ctx, typ, key)
 	if err != nil {
-		return nil, err
+		return zero, err
 	}
 	if ok && e.version == version {
-		c.hits.Add(1)
-		return e.body, nil
+		if v, ok := e.value.(T); ok {
+			c.hits.Add(1)
+			return v, nil
+		}
+		var v T
+		if json.Unmarshal(e.raw, &v) == nil {
+			c.hits.Add(1)
+			return v, nil
+		}
 	}
 	// Concurrent misses share one computation, but only with one that
 	// reads at least the version this request saw, so joining a flight
 	// never loses a write acknowledged before this request began.
-	return c.flight.do(ctx, flightKey(typ, w, version), func(ctx context.Context) ([]byte, error) {
+	v, err := c.flight.do(ctx, typ+"|"+key+"|"+strconv.FormatUint(version, 10), func(ctx context.Context) (any, error) {
 		c.misses.Add(1)
-		st, v, err := c.store.summarize(ctx, typ, w)
+		v, ver, err := compute(ctx)
 		if err != nil {
 			return nil, err
 		}
-		body := st.render(typ)
 		// A failed put costs the next reader a recomputation, nothing more:
-		// the summary itself is sound, so it is still served.
-		_ = c.entries.put(ctx, typ, w, cacheEntry{version: v, body: body})
-		return body, nil
+		// the answer itself is sound, so it is still served.
+		if !tooBigToCache(v) {
+			_ = c.entries.put(ctx, typ, key, cacheEntry{version: ver, value: v})
+		}
+		return v, nil
 	})
-}
-
-func flightKey(typ string, w window, version uint64) string {
-	return typ + "|" + strconv.FormatInt(w.from, 10) + "|" + strconv.FormatInt(w.to, 10) + "|" + strconv.FormatUint(version, 10)
+	if err != nil {
+		return zero, err
+	}
+	return v.(T), nil
 }
 
 // flightGroup runs one call per key at a time; callers that arrive while it
@@ -88,7 +118,7 @@ type flightGroup struct {
 
 type flightCall struct {
 	done    chan struct{}
-	body    []byte
+	value   any
 	err     error
 	waiters int // guarded by flightGroup.mu
 }
@@ -103,20 +133,20 @@ func (g *flightGroup) waiting(key string) int {
 	return 0
 }
 
-var errFlightPanicked = errors.New("summary computation panicked")
+var errFlightPanicked = errors.New("computation panicked")
 
 // do runs fn once for concurrent callers of one key. fn runs detached from
 // the first caller's cancellation, so one client going away does not fail
 // the others; the store's own deadlines still bound it. A waiting caller
 // stops waiting when its own context ends.
-func (g *flightGroup) do(ctx context.Context, key string, fn func(context.Context) ([]byte, error)) ([]byte, error) {
+func (g *flightGroup) do(ctx context.Context, key string, fn func(context.Context) (any, error)) (any, error) {
 	g.mu.Lock()
 	if c, ok := g.calls[key]; ok {
 		c.waiters++
 		g.mu.Unlock()
 		select {
 		case <-c.done:
-			return c.body, c.err
+			return c.value, c.err
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
@@ -134,154 +164,163 @@ func (g *flightGroup) do(ctx context.Context, key string, fn func(context.Contex
 		g.mu.Unlock()
 		close(c.done)
 	}()
-	c.body, c.err = fn(context.WithoutCancel(ctx))
-	return c.body, c.err
+	c.value, c.err = fn(context.WithoutCancel(ctx))
+	return c.value, c.err
 }
 
 // ---- memory ----
 
-// memoryCacheStore keeps entries in a sync.Map and reads versions straight
-// from the memory store. Expired entries are dropped when read, and by a
-// sweep at most once per TTL, so windows that are never asked for again do
-// not pile up.
+// memoryCacheStore keeps at most max entries. Lookups are lock-free (a
+// sync.Map); insertions take a lock and, when full, evict by the CLOCK
+// algorithm: a hand goes round the slots, sparing once each entry read
+// since it last passed, so hot answers stay while a flood of one-off
+// windows only replaces itself. Expired entries are dropped when read and
+// by sweep, which the background loop runs; no request pays for a sweep.
 type memoryCacheStore struct {
-	versions *memoryStore
-	ttl      time.Duration
-	now      func() time.Time
+	version func(typ string) uint64
+	ttl     time.Duration
+	now     func() time.Time
+	max     int
 
-	entries   sync.Map // memoryCacheKey -> *memoryCacheEntry
-	nextSweep atomic.Int64
-}
+	entries sync.Map // string -> *memoryCacheEntry
 
-type memoryCacheKey struct {
-	typ string
-	w   window
+	mu    sync.Mutex
+	slots []string // the keys, in CLOCK order
+	hand  int
 }
 
 type memoryCacheEntry struct {
 	cacheEntry
 	expires int64 // Unix nanoseconds
+	used    atomic.Bool
 }
 
-func newMemoryCacheStore(versions *memoryStore, ttl time.Duration, now func() time.Time) *memoryCacheStore {
-	return &memoryCacheStore{versions: versions, ttl: ttl, now: now}
+func newMemoryCacheStore(version func(string) uint64, ttl time.Duration, max int, now func() time.Time) *memoryCacheStore {
+	return &memoryCacheStore{version: version, ttl: ttl, now: now, max: max}
 }
 
-func (m *memoryCacheStore) get(_ context.Context, typ string, w window) (uint64, cacheEntry, bool, error) {
-	version := m.versions.version(typ)
-	key := memoryCacheKey{typ, w}
-	v, ok := m.entries.Load(key)
+func (m *memoryCacheStore) get(_ context.Context, typ, key string) (uint64, cacheEntry, bool, error) {
+	version := m.version(typ)
+	k := typ + "|" + key
+	v, ok := m.entries.Load(k)
 	if !ok {
 		return version, cacheEntry{}, false, nil
 	}
 	e := v.(*memoryCacheEntry)
 	if m.now().UnixNano() >= e.expires {
-		m.entries.CompareAndDelete(key, v)
+		m.entries.CompareAndDelete(k, v)
 		return version, cacheEntry{}, false, nil
+	}
+	if !e.used.Load() {
+		e.used.Store(true)
 	}
 	return version, e.cacheEntry, true, nil
 }
 
-func (m *memoryCacheStore) put(_ context.Context, typ string, w window, e cacheEntry) error {
+func (m *memoryCacheStore) put(_ context.Context, typ, key string, e cacheEntry) error {
 	now := m.now().UnixNano()
-	key, fresh := memoryCacheKey{typ, w}, &memoryCacheEntry{e, now + int64(m.ttl)}
-	for {
-		old, loaded := m.entries.LoadOrStore(key, fresh)
-		if !loaded {
-			break
-		}
+	k := typ + "|" + key
+	fresh := &memoryCacheEntry{cacheEntry: e, expires: now + int64(m.ttl)}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if old, ok := m.entries.Load(k); ok {
 		if o := old.(*memoryCacheEntry); o.version > e.version && now < o.expires {
-			break
+			return nil
 		}
-		if m.entries.CompareAndSwap(key, old, fresh) {
-			break
+		m.entries.Store(k, fresh) // its slot is already in the ring
+		return nil
+	}
+	if len(m.slots) < m.max {
+		m.slots = append(m.slots, k)
+		m.entries.Store(k, fresh)
+		return nil
+	}
+	for {
+		victim := m.slots[m.hand]
+		v, ok := m.entries.Load(victim)
+		if ok && v.(*memoryCacheEntry).used.Swap(false) && now < v.(*memoryCacheEntry).expires {
+			m.hand = (m.hand + 1) % len(m.slots)
+			continue
 		}
+		m.entries.Delete(victim)
+		m.slots[m.hand] = k
+		m.entries.Store(k, fresh)
+		m.hand = (m.hand + 1) % len(m.slots)
+		return nil
 	}
-	if next := m.nextSweep.Load(); now >= next && m.nextSweep.CompareAndSwap(next, now+int64(m.ttl)) {
-		m.entries.Range(func(k, v any) bool {
-			if now >= v.(*memoryCacheEntry).expires {
-				m.entries.CompareAndDelete(k, v)
-			}
-			return true
-		})
-	}
-	return nil
+}
+
+// sweep drops expired entries; their slots are reused by later puts.
+func (m *memoryCacheStore) sweep(now time.Time) {
+	ns := now.UnixNano()
+	m.entries.Range(func(k, v any) bool {
+		if ns >= v.(*memoryCacheEntry).expires {
+			m.entries.CompareAndDelete(k, v)
+		}
+		return true
+	})
 }
 
 // ---- Redis ----
 
-// redisCacheStore keeps each entry as a string "version body" under a key
-// with the type's hash tag, expiring after CACHE_TTL. A lookup reads the
-// version and the entry in one round trip: version first, so an entry
-// matching it was computed at or after it.
+// redisCacheStore keeps each entry as a string "version body" that expires
+// after CACHE_TTL, and an index of the entries by expiry that bounds their
+// number. A lookup reads the type's version and the entry in one round
+// trip: version first, so an entry matching it was computed at or after it.
 type redisCacheStore struct {
-	pool   *redisPool
-	prefix string
-	ttl    time.Duration
+	pool *redisPool
+	keys keys
+	ttl  time.Duration
+	max  int
 }
 
-func newRedisCacheStore(pool *redisPool, prefix string, ttl time.Duration) *redisCacheStore {
-	return &redisCacheStore{pool: pool, prefix: prefix, ttl: ttl}
+func newRedisCacheStore(pool *redisPool, k keys, ttl time.Duration, max int) *redisCacheStore {
+	return &redisCacheStore{pool: pool, keys: k, ttl: ttl, max: max}
 }
 
-func (r *redisCacheStore) key(typ string, w window) string {
-	k := typeKey(r.prefix, typ, "sum:")
-	if w.from != allTime.from {
-		k += strconv.FormatInt(w.from, 10)
-	}
-	k += ":"
-	if w.to != allTime.to {
-		k += strconv.FormatInt(w.to, 10)
-	}
-	return k
-}
-
-func (r *redisCacheStore) get(ctx context.Context, typ string, w window) (version uint64, e cacheEntry, ok bool, err error) {
+func (r *redisCacheStore) get(ctx context.Context, typ, key string) (version uint64, e cacheEntry, ok bool, err error) {
 	err = r.pool.with(ctx, "cache_get", func(c redis.Conn, deadline time.Time) error {
-		c.Send("HGET", typeKey(r.prefix, typ, "agg"), "ver")
-		c.Send("GET", r.key(typ, w))
+		c.Send("HGET", r.keys.meta(typ), "v")
+		c.Send("GET", r.keys.cacheEntry(typ, key))
 		replies, err := redis.Values(do(c, deadline, ""))
 		if err != nil {
 			return err
 		}
-		if version, err = parseVersion(replies[0]); err != nil {
-			return err
+		if replies[0] != nil {
+			if version, err = redis.Uint64(replies[0], nil); err != nil {
+				return err
+			}
 		}
 		raw, _ := replies[1].([]byte)
-		if raw == nil {
-			return nil
-		}
 		sp := bytes.IndexByte(raw, ' ')
 		if sp < 0 {
-			return nil // not ours to read: treat as a miss and overwrite
+			return nil // nothing cached, or not ours to read: a miss
 		}
 		v, perr := strconv.ParseUint(string(raw[:sp]), 10, 64)
 		if perr != nil {
 			return nil
 		}
-		e, ok = cacheEntry{version: v, body: raw[sp+1:]}, true
+		e, ok = cacheEntry{version: v, raw: raw[sp+1:]}, true
 		return nil
 	})
 	return version, e, ok, err
 }
 
-// cachePutScript sets KEYS[1] to ARGV[2] for ARGV[3] milliseconds unless
-// it holds an entry of a version later than ARGV[1].
-var cachePutScript = newScript(`
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local v = tonumber(string.match(cur, '^(%d+) '))
-  if v and v > tonumber(ARGV[1]) then return 0 end
-end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
-`)
+//go:embed lua/cacheput.lua
+var cachePutLua string
 
-func (r *redisCacheStore) put(ctx context.Context, typ string, w window, e cacheEntry) error {
-	val := strconv.AppendUint(make([]byte, 0, 24+len(e.body)), e.version, 10)
-	val = append(append(val, ' '), e.body...)
+var cachePutScript = newScript(cachePutLua)
+
+func (r *redisCacheStore) put(ctx context.Context, typ, key string, e cacheEntry) error {
+	body, err := json.Marshal(e.value)
+	if err != nil || len(body) > maxCachedBytes {
+		return err
+	}
+	val := strconv.AppendUint(make([]byte, 0, 24+len(body)), e.version, 10)
+	val = append(append(val, ' '), body...)
 	return r.pool.with(ctx, "cache_put", func(c redis.Conn, deadline time.Time) error {
-		_, err := cachePutScript.run(c, deadline, []string{r.key(typ, w)}, e.version, val, max(r.ttl.Milliseconds(), 1))
+		_, err := cachePutScript.run(c, deadline, []string{r.keys.cacheEntry(typ, key), r.keys.cacheIndex()},
+			e.version, val, max(r.ttl.Milliseconds(), 1), r.max)
 		return err
 	})
 }

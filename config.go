@@ -34,7 +34,8 @@ type config struct {
 	// not read from the environment: REDIS_TIMEOUT bounds the write itself.
 	LimiterTimeout time.Duration
 
-	CacheTTL time.Duration
+	CacheTTL        time.Duration
+	CacheMaxEntries int
 
 	BreakerThreshold    int
 	BreakerResetTimeout time.Duration
@@ -47,6 +48,10 @@ type config struct {
 	MaxBodyBytes int64
 	MaxBatch     int
 	MaxTypes     int
+	MaxFuture    time.Duration
+	Retention    retention
+
+	RedisPrefix string
 
 	LogLevel slog.Level
 }
@@ -68,7 +73,8 @@ func loadConfig(getenv func(string) string) (config, error) {
 		TrustedProxies:      p.prefixes("TRUSTED_PROXIES"),
 		LimiterTimeout:      100 * time.Millisecond,
 
-		CacheTTL: p.duration("CACHE_TTL", "300"),
+		CacheTTL:        p.duration("CACHE_TTL", "300"),
+		CacheMaxEntries: p.integer("CACHE_MAX_ENTRIES", "10000", 1, 10_000_000),
 
 		BreakerThreshold:    p.integer("CB_FAILURE_THRESHOLD", "3", 1, math.MaxInt32),
 		BreakerResetTimeout: p.duration("CB_RESET_TIMEOUT", "10"),
@@ -81,6 +87,10 @@ func loadConfig(getenv func(string) string) (config, error) {
 		MaxBodyBytes: int64(p.integer("MAX_BODY_BYTES", "1048576", 1, math.MaxInt32)),
 		MaxBatch:     p.integer("MAX_BATCH", "10000", 1, math.MaxInt32),
 		MaxTypes:     p.integer("MAX_TYPES", "10000", 1, math.MaxInt32),
+		MaxFuture:    p.durationOrZero("MAX_FUTURE", "1h"),
+		Retention:    p.retention(),
+
+		RedisPrefix: strings.TrimSpace(p.getenv("REDIS_PREFIX")),
 
 		LogLevel: p.level("LOG_LEVEL", "info"),
 	}
@@ -173,7 +183,55 @@ func (p *envParser) durationVar(name, def string) (time.Duration, bool) {
 	return d, true
 }
 
+// retention reads RETENTION_1S, _1M, _1H and _1D: whole seconds, 0 for
+// forever, each at least as long as the one finer than it, since a coarser
+// resolution must keep whatever a finer one keeps.
+func (p *envParser) retention() retention {
+	var h retention
+	defaults := [numRes]string{"1h", "7d", "90d", "0"}
+	prev := int64(0)
+	for r := res1s; r < numRes; r++ {
+		name := "RETENTION_" + strings.ToUpper(r.String())
+		d, ok := p.durationVar(name, defaults[r])
+		if !ok {
+			continue
+		}
+		if d%time.Second != 0 {
+			p.fail(name, p.str(name, defaults[r]), "must be a whole number of seconds")
+			continue
+		}
+		h[r] = int64(d / time.Second)
+		if r > res1s && h[r] != 0 && (prev == 0 || h[r] < prev) {
+			p.fail(name, p.str(name, defaults[r]), fmt.Sprintf("must be 0 (forever) or at least RETENTION_%s, since a coarser resolution keeps whatever a finer one keeps",
+				strings.ToUpper((r-1).String())))
+		}
+		prev = h[r]
+	}
+	return h
+}
+
+// parseDuration accepts a Go duration, a number of seconds, or either
+// after a whole number of days ("7d", "1d12h").
 func parseDuration(s string) (time.Duration, error) {
+	if days, rest, ok := strings.Cut(s, "d"); ok {
+		n, err := strconv.ParseInt(days, 10, 64)
+		if err != nil || n < 0 || n > 100*365 {
+			return 0, errors.New("days must be a whole number")
+		}
+		d := time.Duration(n) * 24 * time.Hour
+		if rest == "" {
+			return d, nil
+		}
+		r, err := time.ParseDuration(rest)
+		if err != nil || r < 0 {
+			return 0, errors.New("bad duration after the days")
+		}
+		return d + r, nil
+	}
+	return parseSecondsOrDuration(s)
+}
+
+func parseSecondsOrDuration(s string) (time.Duration, error) {
 	if secs, err := strconv.ParseFloat(s, 64); err == nil {
 		if math.IsNaN(secs) || math.IsInf(secs, 0) || math.Abs(secs) > math.MaxInt64/float64(time.Second) {
 			return 0, errors.New("out of range")

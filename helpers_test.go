@@ -12,9 +12,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -195,9 +197,8 @@ func deleteKeys(pool *redisPool, prefix string) {
 			return
 		}
 		cursor, _ = redis.String(reply[0], nil)
-		keys, _ := redis.Strings(reply[1], nil)
-		for _, k := range keys {
-			c.Do("DEL", k)
+		if keys, _ := redis.Values(reply[1], nil); len(keys) > 0 {
+			c.Do("UNLINK", keys...)
 		}
 		if cursor == "0" {
 			return
@@ -241,6 +242,11 @@ func (c *fakeClock) advance(d time.Duration) {
 // for any window length that divides a day.
 var testEpoch = time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
 
+// storeEpoch is where a store test's clock starts: a day after testEpoch,
+// so the samples the tests post on 2025-01-01 are in the past, within
+// MAX_FUTURE, and still kept by every resolution.
+var storeEpoch = testEpoch.Add(24 * time.Hour)
+
 // forEachStore runs fn as a subtest against the memory store and against
 // Redis. mutate adjusts the configuration both get. A test of what only one
 // store has is not a forEachStore test: a half that skipped itself in every
@@ -252,7 +258,7 @@ func forEachStore(t *testing.T, mutate func(*config), fn func(t *testing.T, e st
 		if mutate != nil {
 			mutate(&cfg)
 		}
-		clock := newFakeClock(testEpoch)
+		clock := newFakeClock(storeEpoch)
 		fn(t, storeEnv{name: "memory", cfg: cfg, clock: clock, b: newMemoryBackend(cfg, clock.now)})
 	})
 	t.Run("redis", func(t *testing.T) {
@@ -271,7 +277,7 @@ func redisStoreEnv(t *testing.T, mutate func(*config)) storeEnv {
 	}
 	prefix := testPrefix()
 	pool := testPool(t, cfg, prefix)
-	clock := newFakeClock(testEpoch)
+	clock := newFakeClock(storeEpoch)
 	e := storeEnv{name: "redis", cfg: cfg, clock: clock, pool: pool, prefix: prefix}
 	e.b = newRedisBackend(pool, prefix, cfg, clock.now)
 	e.reopen = func() backend {
@@ -286,12 +292,59 @@ func discardLogger() *slog.Logger {
 	return slog.New(slog.NewJSONHandler(io.Discard, nil))
 }
 
+// window names a summary's bounds in Unix seconds, math.MinInt64 and
+// math.MaxInt64 for an open end; allTime has neither bound.
+type window struct{ from, to int64 }
+
+var allTime = window{math.MinInt64, math.MaxInt64}
+
+func (w window) bounds() (from, to *int64) {
+	if w.from != math.MinInt64 {
+		from = &w.from
+	}
+	if w.to != math.MaxInt64 {
+		to = &w.to
+	}
+	return from, to
+}
+
+// summarize is b's answer for typ over w and the version it reflects, as
+// a summary computes it, without the cache.
+func summarize(b backend, typ string, w window) (aggregateValues, uint64, error) {
+	from, to := w.bounds()
+	acc, v, err := b.reader.window(context.Background(), typ, from, to)
+	return acc.values(), v, err
+}
+
+// storeAdd ingests samples into b's store as the ingest handler does.
+func storeAdd(b backend, samples ...sample) error {
+	return b.store.add(context.Background(), aggregate(samples, b.reader.horizon), b.now())
+}
+
 // count is the all-time sample count of typ, read from the store itself.
-func count(t testing.TB, s metricStore, typ string) int64 {
+func count(t testing.TB, b backend, typ string) int64 {
 	t.Helper()
-	st, _, err := s.summarize(context.Background(), typ, allTime)
+	v, _, err := summarize(b, typ, allTime)
 	if err != nil {
 		t.Fatalf("summarize(%s): %v", typ, err)
 	}
-	return st.count
+	return v.Count
+}
+
+// redisCount is how many samples of typ Redis holds under prefix, read
+// from the type's running total, independently of the store's code.
+func redisCount(t testing.TB, c redis.Conn, prefix, typ string) int {
+	t.Helper()
+	a, err := redis.String(c.Do("HGET", keys{prefix}.bucket(typ, resAll, 0), "a"))
+	if err == redis.ErrNil {
+		return 0
+	}
+	if err != nil {
+		t.Fatalf("reading %s's total: %v", typ, err)
+	}
+	n, err := strconv.Atoi(strings.Fields(a)[0])
+	if err != nil {
+		t.Fatalf("%s's total %q: %v", typ, a, err)
+	}
+	return n
 }

@@ -96,7 +96,7 @@ func TestLimiterHeaders(t *testing.T) {
 		if r := post(t, base, good); r.status != 201 || r.header.Get("X-RateLimit-Remaining") != "1" {
 			t.Errorf("next window: %d remaining %s, want 201 remaining 1", r.status, r.header.Get("X-RateLimit-Remaining"))
 		}
-		if n := count(t, e.b.store, "cpu"); n != 2 {
+		if n := count(t, e.b, "cpu"); n != 2 {
 			t.Errorf("%d samples stored, want 2: a 429 must store nothing", n)
 		}
 	})
@@ -139,7 +139,7 @@ func TestLimiterExactUnderConcurrency(t *testing.T) {
 			t.Errorf("%d concurrent POSTs over %d instance(s), limit 50: %v, want 50 201s and 150 429s",
 				requests, len(instances), byStatus)
 		}
-		if n := count(t, e.b.store, "cpu"); n != 50 {
+		if n := count(t, e.b, "cpu"); n != 50 {
 			t.Errorf("%d samples stored, want 50", n)
 		}
 	})

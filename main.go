@@ -105,14 +105,14 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 
 // backend is every stateful component, all in memory or all in Redis.
 type backend struct {
-	store     metricStore
-	summaries *summaryCache
-	limiter   limiter
-	ping      func(context.Context) error
-	now       func() time.Time
-	// sweep drops the memory limiter's counters of past windows; run calls
-	// it in the background. Nil for Redis, whose counters expire by
-	// themselves.
+	store   metricStore
+	reader  *reader
+	limiter limiter
+	ping    func(context.Context) error
+	now     func() time.Time
+	// sweep drops what has expired from the memory store, cache and
+	// limiter; run calls it in the background. Nil for Redis, whose keys
+	// expire by themselves.
 	sweep func(time.Time)
 }
 
@@ -123,7 +123,7 @@ func openBackend(cfg config, tel *telemetry, log *slog.Logger) (backend, func(),
 	switch cfg.Store {
 	case "redis":
 		pool := newRedisPool(cfg, tel)
-		return newRedisBackend(pool, "", cfg, time.Now), func() {
+		return newRedisBackend(pool, cfg.RedisPrefix, cfg, time.Now), func() {
 			if err := pool.Close(); err != nil {
 				log.Warn("closing redis pool", "err", err)
 			}
@@ -134,28 +134,34 @@ func openBackend(cfg config, tel *telemetry, log *slog.Logger) (backend, func(),
 }
 
 func newMemoryBackend(cfg config, now func() time.Time) backend {
-	s := newMemoryStore(cfg.MaxTypes)
+	s := newMemoryStore(cfg.Retention, cfg.MaxTypes)
+	c := newMemoryCacheStore(s.version, cfg.CacheTTL, cfg.CacheMaxEntries, now)
 	lim := newMemoryLimiter(cfg.RateLimit, cfg.RateWindow)
 	return backend{
-		store:     s,
-		summaries: newSummaryCache(s, newMemoryCacheStore(s, cfg.CacheTTL, now)),
-		limiter:   lim,
-		ping:      func(context.Context) error { return nil },
-		now:       now,
-		sweep:     lim.sweep,
+		store:   s,
+		reader:  &reader{store: s, cache: newReadCache(c), horizon: cfg.Retention, now: now},
+		limiter: lim,
+		ping:    func(context.Context) error { return nil },
+		now:     now,
+		sweep: func(t time.Time) {
+			s.sweep(t)
+			c.sweep(t)
+			lim.sweep(t)
+		},
 	}
 }
 
-// newRedisBackend keeps every key under prefix, so tests can share one
-// redis-server without touching each other's data.
+// newRedisBackend keeps every key under prefix, so deployments (and tests)
+// can share one redis-server without touching each other's data.
 func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time.Time) backend {
-	s := newRedisStore(pool, prefix, cfg.MaxTypes)
+	k := keys{prefix: prefix}
+	s := newRedisStore(pool, k, cfg.Retention, cfg.MaxTypes)
 	return backend{
-		store:     s,
-		summaries: newSummaryCache(s, newRedisCacheStore(pool, prefix, cfg.CacheTTL)),
-		limiter:   newRedisLimiter(pool, prefix, cfg.RateLimit, cfg.RateWindow),
-		ping:      pool.ping,
-		now:       now,
+		store:   s,
+		reader:  &reader{store: s, cache: newReadCache(newRedisCacheStore(pool, k, cfg.CacheTTL, cfg.CacheMaxEntries)), horizon: cfg.Retention, now: now},
+		limiter: newRedisLimiter(pool, prefix, cfg.RateLimit, cfg.RateWindow),
+		ping:    pool.ping,
+		now:     now,
 	}
 }
 
@@ -176,13 +182,15 @@ func newHandler(log *slog.Logger, cfg config, tel *telemetry, b backend) http.Ha
 		mux.Handle(pattern, h)
 	}
 	handle("GET /health", handleHealth(log, b.ping))
-	handle("POST /api/metrics", rateLimited(log, cfg, tel, b.limiter, b.now, handleIngest(log, cfg, tel, b.store)))
-	handle("GET /api/metrics/summary", handleSummary(log, b.summaries))
+	handle("POST /api/metrics", rateLimited(log, cfg, tel, b.limiter, b.now, handleIngest(log, cfg, tel, b.store, b.now)))
+	handle("GET /api/metrics/summary", handleSummary(log, b.reader))
+	handle("GET /api/metrics/series", handleSeries(log, b.reader))
+	handle("GET /api/metrics/types", handleTypes(log, b.reader))
 	handle("GET /external", handleExternal(log, brk, newExternalService(cfg), cfg.ExternalTimeout))
 	// GET patterns also match HEAD, and a HEAD must not call the service
 	// and move the breaker.
 	handle("HEAD /external", methodNotAllowed("GET"))
-	handle("GET /metrics", handleMetrics(tel, b.summaries, brk))
+	handle("GET /metrics", handleMetrics(tel, b.reader.cache, brk))
 	return instrument(log, tel, mux)
 }
 

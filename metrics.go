@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"math"
 	"mime"
@@ -19,18 +18,18 @@ import (
 
 var storedOne = []byte(`{"message":"Metric stored successfully"}` + "\n")
 
-func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStore) http.Handler {
+func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStore, now func() time.Time) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		samples, batch, err := readSamples(w, r, cfg)
+		t := now()
 		if err == nil {
-			err = store.add(r.Context(), samples)
+			err = checkFuture(samples, batch, t, cfg.MaxFuture, tel)
 		}
-		if tm := (*tooManyTypesError)(nil); errors.As(err, &tm) {
-			err = unprocessable("%stype %q is new, and the limit of %d distinct metric types is reached",
-				itemPrefix(samples, batch, tm.typ), tm.typ, cfg.MaxTypes)
+		if err == nil {
+			err = store.add(r.Context(), aggregate(samples, cfg.Retention), t)
 		}
 		if err != nil {
-			writeFailure(w, r, log, err)
+			writeFailure(w, r, log, ingestRefusal(err, samples, batch, cfg, tel))
 			return
 		}
 		tel.ingested.Add(uint64(len(samples)))
@@ -45,33 +44,101 @@ func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStor
 	})
 }
 
-// itemPrefix names the first sample of type typ, for messages about a
-// batch.
-func itemPrefix(samples []sample, batch bool, typ string) string {
+// checkFuture refuses samples more than MAX_FUTURE ahead of the clock.
+func checkFuture(samples []sample, batch bool, now time.Time, ahead time.Duration, tel *telemetry) error {
+	limit := now.Add(ahead).UnixMicro()
+	for i, s := range samples {
+		if s.at > limit {
+			tel.refused("future", len(samples))
+			return unprocessable("%stimestamp %s is more than %s ahead of the server's clock",
+				item(batch, i), time.UnixMicro(s.at).UTC().Format(time.RFC3339Nano), ahead)
+		}
+	}
+	return nil
+}
+
+// ingestRefusal words the store's refusals, naming the first sample at
+// fault; other errors pass through.
+func ingestRefusal(err error, samples []sample, batch bool, cfg config, tel *telemetry) error {
+	if tm := (*tooManyTypesError)(nil); errors.As(err, &tm) {
+		tel.refused("max_types", len(samples))
+		return unprocessable("%stype %q is new, and the limit of %d distinct metric types is reached",
+			item(batch, firstOf(samples, tm.typ, nil)), tm.typ, cfg.MaxTypes)
+	}
+	if to := (*tooOldError)(nil); errors.As(err, &to) {
+		tel.refused("retention", len(samples))
+		i := firstOf(samples, to.typ, func(s sample) bool { return !cfg.Retention.keepsSample(s.second(), to.anchor) })
+		kept := to.anchor
+		for r := res1s; r < numRes; r++ {
+			kept = min(kept, cfg.Retention.firstKept(r, to.anchor))
+		}
+		return unprocessable("%stimestamp %s is older than retention keeps: data of %s is kept from %s",
+			item(batch, i), time.UnixMicro(samples[i].at).UTC().Format(time.RFC3339Nano), to.typ, formatTime(kept))
+	}
+	return err
+}
+
+// firstOf is the index of the first sample of type typ for which ok holds
+// (any, when ok is nil).
+func firstOf(samples []sample, typ string, ok func(sample) bool) int {
+	for i, s := range samples {
+		if s.typ == typ && (ok == nil || ok(s)) {
+			return i
+		}
+	}
+	return 0
+}
+
+// item names a batch's element in a message; a single metric needs no
+// name.
+func item(batch bool, i int) string {
 	if !batch {
 		return ""
 	}
-	for i, s := range samples {
-		if s.typ == typ {
-			return fmt.Sprintf("item %d: ", i)
-		}
-	}
-	return ""
+	return fmt.Sprintf("item %d: ", i)
 }
 
-func handleSummary(log *slog.Logger, summaries *summaryCache) http.Handler {
+func handleSummary(log *slog.Logger, q *reader) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		typ, win, err := parseSummaryQuery(r.URL.Query())
+		typ, from, to, err := parseSummaryQuery(r.URL.Query())
+		var body summaryBody
+		if err == nil {
+			body, err = q.summary(r.Context(), typ, from, to)
+		}
 		if err != nil {
 			writeFailure(w, r, log, err)
 			return
 		}
-		body, err := summaries.get(r.Context(), typ, win)
+		writeJSON(w, http.StatusOK, body)
+	})
+}
+
+func handleSeries(log *slog.Logger, q *reader) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		typ, plan, err := parseSeriesQuery(r.URL.Query(), q.now())
+		var body seriesBody
+		if err == nil {
+			body, err = q.series(r.Context(), typ, plan)
+		}
 		if err != nil {
 			writeFailure(w, r, log, err)
 			return
 		}
-		writeRaw(w, http.StatusOK, body)
+		writeJSON(w, http.StatusOK, body)
+	})
+}
+
+func handleTypes(log *slog.Logger, q *reader) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		prefix := r.URL.Query().Get("prefix")
+		types, err := q.types(r.Context(), prefix)
+		if err != nil {
+			writeFailure(w, r, log, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, struct {
+			Types []typeInfo `json:"types"`
+		}{types})
 	})
 }
 
@@ -91,17 +158,11 @@ func readSamples(w http.ResponseWriter, r *http.Request, cfg config) ([]sample, 
 	if r.ContentLength > cfg.MaxBodyBytes {
 		return nil, false, tooLarge() // refused before reading a byte of it
 	}
-	var body []byte
-	var err error
-	if r.ContentLength > 0 && r.ContentLength <= 64<<10 {
-		// The usual case: one allocation of the declared size. Larger
-		// bodies grow as they arrive, so a slow client declaring a large
-		// one holds no more memory than it has sent.
-		body = make([]byte, r.ContentLength)
-		_, err = io.ReadFull(r.Body, body)
-	} else {
-		body, err = io.ReadAll(http.MaxBytesReader(w, r.Body, cfg.MaxBodyBytes))
-	}
+	// The body grows as it arrives, so a slow client declaring a large
+	// one holds no more memory than it has sent.
+	var buf bytes.Buffer
+	_, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, cfg.MaxBodyBytes))
+	body := buf.Bytes()
 	if err != nil {
 		if mbe := (*http.MaxBytesError)(nil); errors.As(err, &mbe) {
 			return nil, false, tooLarge()
@@ -343,54 +404,108 @@ func truncate(s string, n int) string {
 	return s[:n] + "..."
 }
 
-func parseSummaryQuery(q url.Values) (string, window, error) {
+func parseMetricType(q url.Values) (string, error) {
 	typ := q.Get("metric_type")
 	if typ == "" {
-		return "", window{}, unprocessable("metric_type is required")
+		return "", unprocessable("metric_type is required")
 	}
 	if err := validType(typ); err != nil {
-		return "", window{}, unprocessable("metric_type: %s", strings.TrimPrefix(err.Error(), "type "))
+		return "", unprocessable("metric_type: %s", strings.TrimPrefix(err.Error(), "type "))
 	}
-	w := allTime
+	return typ, nil
+}
+
+// parseBound reads a window bound: RFC 3339 as for ingest, a whole second.
+func parseBound(name, s string) (int64, error) {
+	at, err := parseTimestamp(s)
+	if err != nil {
+		return 0, unprocessable("%s %s", name, err)
+	}
+	if at%1_000_000 != 0 {
+		return 0, unprocessable("%s must be a whole second: windows are resolved to the second; got %q", name, truncate(s, 40))
+	}
+	return at / 1_000_000, nil
+}
+
+func parseSummaryQuery(q url.Values) (typ string, from, to *int64, err error) {
+	if typ, err = parseMetricType(q); err != nil {
+		return "", nil, nil, err
+	}
 	for _, b := range []struct {
 		name string
-		dst  *int64
-	}{{"from", &w.from}, {"to", &w.to}} {
+		dst  **int64
+	}{{"from", &from}, {"to", &to}} {
 		if s := q.Get(b.name); s != "" {
-			at, err := parseTimestamp(s)
+			t, err := parseBound(b.name, s)
 			if err != nil {
-				return "", window{}, unprocessable("%s %s", b.name, err)
+				return "", nil, nil, err
 			}
-			*b.dst = at
+			*b.dst = &t
 		}
 	}
-	if w.from > w.to {
-		return "", window{}, unprocessable("from must not be after to")
+	if from != nil && to != nil && *from > *to {
+		return "", nil, nil, unprocessable("from must not be after to")
 	}
-	return typ, w, nil
+	return typ, from, to, nil
 }
 
-// render is the summary's JSON body. A type with no samples has no min or
-// max.
-func (s stats) render(typ string) []byte {
-	out := struct {
-		Type    string   `json:"type"`
-		Count   int64    `json:"count"`
-		Average float64  `json:"average"`
-		Sum     float64  `json:"sum"`
-		Min     *float64 `json:"min,omitempty"`
-		Max     *float64 `json:"max,omitempty"`
-	}{Type: typ, Count: s.count, Sum: finite(s.sum)}
-	if s.count > 0 {
-		out.Average = finite(s.sum / float64(s.count))
-		out.Min, out.Max = &s.min, &s.max
+// parseSeriesQuery reads a series request: step (a duration or seconds,
+// default 1m), and from and to as RFC 3339 or a negative duration before
+// now; to defaults to now, from to an hour before to.
+func parseSeriesQuery(q url.Values, now time.Time) (string, seriesPlan, error) {
+	typ, err := parseMetricType(q)
+	if err != nil {
+		return "", seriesPlan{}, err
 	}
-	body, _ := json.Marshal(out) // cannot fail: every float is finite
-	return append(body, '\n')
-}
-
-// finite clamps a sum that overflowed float64 to the largest finite value,
-// since JSON has no infinity.
-func finite(f float64) float64 {
-	return math.Max(-math.MaxFloat64, math.Min(math.MaxFloat64, f))
+	step := int64(60)
+	if s := q.Get("step"); s != "" {
+		d, err := parseDuration(s)
+		if err != nil || d <= 0 || d%time.Second != 0 || d > 366*24*time.Hour {
+			return "", seriesPlan{}, unprocessable("step must be a whole number of seconds, as a Go duration (5m) or seconds (300), up to a year; got %q", truncate(s, 40))
+		}
+		step = int64(d / time.Second)
+	}
+	nowUs := now.UnixMicro()
+	bound := func(name string, roundUp bool) (*int64, error) {
+		s := q.Get(name)
+		if s == "" {
+			return nil, nil
+		}
+		var t int64
+		if strings.HasPrefix(s, "-") {
+			d, err := time.ParseDuration(s)
+			if err != nil || d >= 0 {
+				return nil, unprocessable("%s must be RFC 3339 or a negative duration such as -15m; got %q", name, truncate(s, 40))
+			}
+			us := nowUs + d.Microseconds()
+			t = floorDiv(us, 1_000_000)
+			if roundUp {
+				t = -floorDiv(-us, 1_000_000)
+			}
+		} else if t, err = parseBound(name, s); err != nil {
+			return nil, err
+		}
+		return &t, nil
+	}
+	from, err := bound("from", false)
+	if err != nil {
+		return "", seriesPlan{}, err
+	}
+	to, err := bound("to", true)
+	if err != nil {
+		return "", seriesPlan{}, err
+	}
+	end := ceilTo(-floorDiv(-nowUs, 1_000_000), step)
+	if to != nil {
+		end = *to
+	}
+	start := ceilTo(end, step) - 3600
+	if from != nil {
+		start = *from
+	}
+	if start > end {
+		return "", seriesPlan{}, unprocessable("from must not be after to")
+	}
+	plan, err := planSeries(start, end, step)
+	return typ, plan, err
 }

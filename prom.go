@@ -22,12 +22,16 @@ type telemetry struct {
 	transitions        [3][3]atomic.Uint64 // [from][to]
 
 	storeErrs map[string]*atomic.Uint64 // by op, one of storeOps
+	refusals  map[string]*atomic.Uint64 // samples refused, by reason, one of refusalReasons
 
 	redisConns *atomic.Int64 // the Redis pool's open connections; nil without Redis
 }
 
 // storeOps are the store operations whose failures are counted.
-var storeOps = []string{"ingest", "summary", "cache_get", "cache_put", "ratelimit", "ping"}
+var storeOps = []string{"ingest", "read", "cache_get", "cache_put", "ratelimit", "ping"}
+
+// refusalReasons are why samples are refused for a limit.
+var refusalReasons = []string{"max_types", "max_series", "retention", "future"}
 
 // unmatchedRoute labels requests no route matched (404, 405), so that raw
 // paths never become label values.
@@ -45,10 +49,14 @@ type routeStats struct {
 }
 
 func newTelemetry() *telemetry {
-	t := &telemetry{routes: make(map[string]*routeStats), storeErrs: make(map[string]*atomic.Uint64)}
+	t := &telemetry{routes: make(map[string]*routeStats), storeErrs: make(map[string]*atomic.Uint64),
+		refusals: make(map[string]*atomic.Uint64)}
 	t.addRoute(unmatchedRoute)
 	for _, op := range storeOps {
 		t.storeErrs[op] = new(atomic.Uint64)
+	}
+	for _, r := range refusalReasons {
+		t.refusals[r] = new(atomic.Uint64)
 	}
 	return t
 }
@@ -84,6 +92,11 @@ func (t *telemetry) storeError(op string) {
 	}
 }
 
+// refused counts n samples refused for reason.
+func (t *telemetry) refused(reason string, n int) {
+	t.refusals[reason].Add(uint64(n))
+}
+
 func (t *telemetry) transition(from, to state) {
 	t.transitions[from][to].Add(1)
 }
@@ -93,7 +106,7 @@ var breakerStates = []state{stateClosed, stateOpen, stateHalfOpen}
 // handleMetrics writes the Prometheus text exposition format, version 0.0.4.
 // Families come in a fixed order and series in sorted order, so two
 // scrapes differ only in their numbers.
-func handleMetrics(t *telemetry, cache *summaryCache, brk *breaker) http.Handler {
+func handleMetrics(t *telemetry, cache *readCache, brk *breaker) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 		bw := bufio.NewWriter(w)
@@ -129,8 +142,8 @@ func handleMetrics(t *telemetry, cache *summaryCache, brk *breaker) http.Handler
 			v          uint64
 		}{
 			{"metrics_ingested_total", "Samples stored; a batch counts each of its samples.", t.ingested.Load()},
-			{"summary_cache_hits_total", "Summaries served from the cache.", cache.hits.Load()},
-			{"summary_cache_misses_total", "Summaries computed from the store.", cache.misses.Load()},
+			{"summary_cache_hits_total", "Summaries and series served from the cache.", cache.hits.Load()},
+			{"summary_cache_misses_total", "Summaries and series computed from the store.", cache.misses.Load()},
 			{"ratelimit_rejected_total", "Requests refused with 429 by the rate limiter.", t.rateLimitRejected.Load()},
 			{"ratelimit_store_errors_total", "Rate limiter store failures, whether the request then failed open or closed.", t.rateLimitStoreErrs.Load()},
 		} {
@@ -155,6 +168,11 @@ func handleMetrics(t *telemetry, cache *summaryCache, brk *breaker) http.Handler
 		if t.redisConns != nil {
 			p.family("redis_connections_open", "gauge", "Connections open to Redis.")
 			p.sample("redis_connections_open", uint64(max(0, t.redisConns.Load())))
+		}
+
+		p.family("ingest_refused_total", "counter", "Samples refused for a limit, by reason; a refused batch counts each of its samples.")
+		for _, r := range refusalReasons {
+			p.sample("ingest_refused_total", t.refusals[r].Load(), "reason", r)
 		}
 
 		p.family("store_errors_total", "counter", "Failed store operations, by operation.")

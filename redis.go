@@ -188,7 +188,7 @@ func (p *redisPool) with(ctx context.Context, op string, fn func(c redis.Conn, d
 // as much as a PING of their own would, and a burst of checks costs Redis
 // one command.
 func (p *redisPool) ping(ctx context.Context) error {
-	_, err := p.pings.do(ctx, "ping", func(ctx context.Context) ([]byte, error) {
+	_, err := p.pings.do(ctx, "ping", func(ctx context.Context) (any, error) {
 		return nil, p.with(ctx, "ping", func(c redis.Conn, deadline time.Time) error {
 			_, err := do(c, deadline, "PING")
 			return err

@@ -269,13 +269,13 @@ func TestRedisClockOffset(t *testing.T) {
 	// hour behind while it is not, every write is fenced out; with it
 	// right, none is.
 	b := newRedisBackend(pool, testPrefix(), testConfig(t), time.Now)
-	one := []sample{{typ: "cpu", at: 1, value: 1}}
+	one := sample{typ: "cpu", at: 1, value: 1}
 	pool.clockOffset.Store(-time.Hour.Microseconds())
-	if err := b.store.add(context.Background(), one); err == nil || !strings.Contains(err.Error(), "FENCED") {
+	if err := storeAdd(b, one); err == nil || !strings.Contains(err.Error(), "FENCED") {
 		t.Errorf("add with the offset wrong by an hour = %v, want FENCED", err)
 	}
 	pool.clockOffset.Store(0)
-	if err := b.store.add(context.Background(), one); err != nil {
+	if err := storeAdd(b, one); err != nil {
 		t.Errorf("add with the offset right = %v, want nil", err)
 	}
 }

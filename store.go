@@ -1,12 +1,13 @@
 package main
 
 import (
+	"cmp"
 	"context"
+	_ "embed"
 	"errors"
 	"fmt"
-	"math"
-	"math/rand/v2"
 	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,524 +17,594 @@ import (
 	"github.com/gomodule/redigo/redis"
 )
 
-// sample is one validated metric sample.
-type sample struct {
-	typ   string
-	at    int64 // Unix microseconds, UTC
-	value float64
-}
-
-// window selects samples with from <= at < to; open ends are the extremes
-// of int64, so the zero window is not "everything": use allTime.
-type window struct{ from, to int64 }
-
-var allTime = window{math.MinInt64, math.MaxInt64}
-
-// stats are the running aggregates of a set of samples.
-type stats struct {
-	count    int64
-	sum      float64
-	min, max float64
-}
-
-func (s *stats) add(v float64) {
-	if s.count == 0 || v < s.min {
-		s.min = v
-	}
-	if s.count == 0 || v > s.max {
-		s.max = v
-	}
-	s.count++
-	s.sum += v
-}
-
-// metricStore keeps samples and answers summaries. add is atomic: a
-// concurrent summarize sees all of one call's samples of a type or none.
-// summarize also returns the type's version, a number that every add of
-// that type increases, read in the same atomic step as the stats.
+// metricStore keeps every type's buckets and answers reads of them.
+//
+// add applies a whole ingest or none of it: it refuses with a
+// tooManyTypesError or a tooOldError before changing anything, and a
+// concurrent read sees each type's part of it whole or not at all. It bumps
+// each type's version in the same atomic step.
+//
+// read returns the type's meta and its stored buckets in spans, in span
+// order and then by start, read in one atomic step: the version it returns
+// counts every write whose buckets it saw.
 type metricStore interface {
-	add(ctx context.Context, samples []sample) error
-	summarize(ctx context.Context, typ string, w window) (stats, uint64, error)
+	add(ctx context.Context, batches []typeBatch, now time.Time) error
+	read(ctx context.Context, typ string, spans []span) (typeMeta, []storedBucket, error)
+	meta(ctx context.Context, typ string) (typeMeta, error)
+	types(ctx context.Context) ([]typeMeta, error)
 }
-
-// tooManyTypesError refuses an ingest that would create a metric type
-// beyond MAX_TYPES; typ is the first such type, in name order.
-type tooManyTypesError struct{ typ string }
-
-func (e *tooManyTypesError) Error() string { return "too many metric types: " + e.typ }
 
 // ---- memory ----
 
-// memoryStore keeps each type's samples in a series of its own, so writers
-// of different types never contend.
+// memoryStore keeps each type in a struct of its own, so writers of
+// different types never contend. A background sweep, not the requests,
+// drops what retention no longer keeps.
 type memoryStore struct {
-	series   sync.Map // type name -> *series
-	mu       sync.Mutex
-	types    int // guarded by mu: series are only created under it
+	horizon  retention
 	maxTypes int
+
+	byName sync.Map // type name -> *memType
+	mu     sync.Mutex
+	count  int // guarded by mu: types are only created under it
 }
 
-type series struct {
-	version atomic.Uint64 // written under series.mu, read without it by the cache
+type memType struct {
+	version atomic.Uint64 // written under mu; read without it for the cache
 
-	mu     sync.RWMutex
-	agg    stats
-	points []point // sorted by at when sorted is true
-	sorted bool
+	mu            sync.RWMutex
+	first, newest int64
+	buckets       [numRes][]memBucket // each sorted by start
+	all           memBucket
 }
 
-type point struct {
-	at    int64
-	value float64
+type memBucket struct {
+	start int64
+	stats
+	zero uint64
+	bins []byte // packed (see addBins); replaced, never changed in place
 }
 
-func newMemoryStore(maxTypes int) *memoryStore {
-	return &memoryStore{maxTypes: maxTypes}
+func newMemoryStore(h retention, maxTypes int) *memoryStore {
+	return &memoryStore{horizon: h, maxTypes: maxTypes}
 }
 
-func (m *memoryStore) lookup(typ string) *series {
-	if s, ok := m.series.Load(typ); ok {
-		return s.(*series)
+func (m *memoryStore) lookup(typ string) *memType {
+	if t, ok := m.byName.Load(typ); ok {
+		return t.(*memType)
 	}
 	return nil
 }
 
 // version is the type's current version; 0 for a type never written.
 func (m *memoryStore) version(typ string) uint64 {
-	if s := m.lookup(typ); s != nil {
-		return s.version.Load()
+	if t := m.lookup(typ); t != nil {
+		return t.version.Load()
 	}
 	return 0
 }
 
-func (m *memoryStore) add(_ context.Context, samples []sample) error {
-	groups := groupByType(samples)
-	all, err := m.seriesFor(groups)
+func (m *memoryStore) add(_ context.Context, batches []typeBatch, now time.Time) error {
+	// A new type anchors on its own samples; refusing those before the
+	// type is created keeps a refused ingest from taking MAX_TYPES room.
+	for _, b := range batches {
+		if t := m.lookup(b.typ); t == nil {
+			if anchor := floorDiv(min(b.newest, now.UnixMicro()), 1_000_000); b.keepUntil != 0 && b.keepUntil <= anchor {
+				return &tooOldError{typ: b.typ, anchor: anchor}
+			}
+		}
+	}
+	all, err := m.typesFor(batches)
 	if err != nil {
 		return err
 	}
-	// Lock every series of the batch, in name order so two batches cannot
+	// Lock every type of the ingest, in name order so two ingests cannot
 	// deadlock, so that a reader sees each type's part whole or not at all.
-	for _, s := range all {
-		s.mu.Lock()
+	for _, t := range all {
+		t.mu.Lock()
 	}
-	for i, g := range groups {
-		s := all[i]
-		for _, smp := range g {
-			if n := len(s.points); n > 0 && smp.at < s.points[n-1].at {
-				s.sorted = false
-			}
-			s.points = append(s.points, point{smp.at, smp.value})
-			s.agg.add(smp.value)
+	defer func() {
+		for _, t := range all {
+			t.mu.Unlock()
 		}
-		s.version.Add(uint64(len(g)))
+	}()
+	anchors := make([]int64, len(batches))
+	for i, b := range batches {
+		t := all[i]
+		newest := b.newest
+		if t.version.Load() > 0 {
+			newest = max(newest, t.newest)
+		}
+		anchors[i] = floorDiv(min(newest, now.UnixMicro()), 1_000_000)
+		if b.keepUntil != 0 && b.keepUntil <= anchors[i] {
+			return &tooOldError{typ: b.typ, anchor: anchors[i]}
+		}
 	}
-	for _, s := range all {
-		s.mu.Unlock()
+	for i, b := range batches {
+		all[i].apply(b, anchors[i], m.horizon)
 	}
 	return nil
 }
 
-// groupByType splits samples by type, types in name order, keeping each
-// type's samples in the order given.
-func groupByType(samples []sample) [][]sample {
-	if len(samples) == 1 {
-		return [][]sample{samples}
+func (t *memType) apply(b typeBatch, anchor int64, h retention) {
+	if t.version.Load() == 0 {
+		t.first, t.newest = b.first, b.newest
 	}
-	sorted := slices.Clone(samples)
-	slices.SortStableFunc(sorted, func(a, b sample) int { return strings.Compare(a.typ, b.typ) })
-	var groups [][]sample
-	for start := 0; start < len(sorted); {
-		end := start + 1
-		for end < len(sorted) && sorted[end].typ == sorted[start].typ {
-			end++
+	t.first, t.newest = min(t.first, b.first), max(t.newest, b.newest)
+	for _, d := range b.deltas {
+		if d.res == resAll {
+			t.all.merge(d)
+			continue
 		}
-		groups = append(groups, sorted[start:end])
-		start = end
+		if !h.keeps(d.res, d.start, anchor) {
+			continue // would be swept at once
+		}
+		list := t.buckets[d.res]
+		i := len(list) // the usual case: a bucket at or after the newest
+		if i == 0 || list[i-1].start < d.start {
+			t.buckets[d.res] = append(list, memBucket{start: d.start})
+		} else if list[i-1].start != d.start {
+			i = sort.Search(len(list), func(j int) bool { return list[j].start >= d.start })
+			if i == len(list) || list[i].start != d.start {
+				t.buckets[d.res] = slices.Insert(list, i, memBucket{start: d.start})
+			}
+		} else {
+			i--
+		}
+		t.buckets[d.res][i].merge(d)
 	}
-	return groups
+	t.version.Add(uint64(b.samples))
 }
 
-// seriesFor returns the series of each group, creating missing ones unless
+func (b *memBucket) merge(d bucketDelta) {
+	b.stats.merge(d.stats)
+	b.zero += d.zero
+	if len(d.bins) > 0 {
+		b.bins = addBins(b.bins, d.bins, maxBinsPerSign)
+	}
+}
+
+func (b *memBucket) stored(r resolution) storedBucket {
+	return storedBucket{res: r, start: b.start, stats: b.stats, zero: b.zero, packed: b.bins}
+}
+
+// typesFor returns the type of each batch, creating missing ones unless
 // that would pass maxTypes; then it creates none.
-func (m *memoryStore) seriesFor(groups [][]sample) ([]*series, error) {
-	out := make([]*series, len(groups))
-	missing := 0
-	for i, g := range groups {
-		if out[i] = m.lookup(g[0].typ); out[i] == nil {
-			missing++
+func (m *memoryStore) typesFor(batches []typeBatch) ([]*memType, error) {
+	out := make([]*memType, len(batches))
+	missing := false
+	for i, b := range batches {
+		if out[i] = m.lookup(b.typ); out[i] == nil {
+			missing = true
 		}
 	}
-	if missing == 0 {
+	if !missing {
 		return out, nil
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var fresh []int
-	for i, g := range groups {
+	for i, b := range batches {
 		if out[i] == nil {
-			if out[i] = m.lookup(g[0].typ); out[i] == nil {
+			if out[i] = m.lookup(b.typ); out[i] == nil {
 				fresh = append(fresh, i)
 			}
 		}
 	}
-	if m.types+len(fresh) > m.maxTypes {
-		return nil, &tooManyTypesError{groups[fresh[0]][0].typ}
+	if m.count+len(fresh) > m.maxTypes {
+		return nil, &tooManyTypesError{batches[fresh[0]].typ}
 	}
 	for _, i := range fresh {
-		out[i] = &series{sorted: true}
-		m.series.Store(groups[i][0].typ, out[i])
+		out[i] = &memType{}
+		m.byName.Store(batches[i].typ, out[i])
 	}
-	m.types += len(fresh)
+	m.count += len(fresh)
 	return out, nil
 }
 
-func (m *memoryStore) summarize(_ context.Context, typ string, w window) (stats, uint64, error) {
-	s := m.lookup(typ)
-	if s == nil {
-		return stats{}, 0, nil
+func (m *memoryStore) meta(_ context.Context, typ string) (typeMeta, error) {
+	t := m.lookup(typ)
+	if t == nil {
+		return typeMeta{name: typ}, nil
 	}
-	if w == allTime {
-		s.mu.RLock()
-		defer s.mu.RUnlock()
-		return s.agg, s.version.Load(), nil
-	}
-	s.mu.RLock()
-	if s.sorted {
-		defer s.mu.RUnlock()
-		return s.window(w), s.version.Load(), nil
-	}
-	// Out-of-order samples are sorted on the first windowed read after
-	// them, not on every write. The window is read under the same write
-	// lock: a writer slipping in between could unsort the points again.
-	s.mu.RUnlock()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if !s.sorted {
-		slices.SortStableFunc(s.points, func(a, b point) int { return cmpInt64(a.at, b.at) })
-		s.sorted = true
-	}
-	return s.window(w), s.version.Load(), nil
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.metaLocked(typ), nil
 }
 
-// window sums the points in w; the points must be sorted and s.mu held.
-func (s *series) window(w window) stats {
-	lo, _ := slices.BinarySearchFunc(s.points, w.from, func(p point, t int64) int { return cmpInt64(p.at, t) })
-	hi, _ := slices.BinarySearchFunc(s.points, w.to, func(p point, t int64) int { return cmpInt64(p.at, t) })
-	var st stats
-	for _, p := range s.points[lo:hi] {
-		st.add(p.value)
-	}
-	return st
+func (t *memType) metaLocked(typ string) typeMeta {
+	return typeMeta{name: typ, version: t.version.Load(), first: t.first, newest: t.newest, total: t.all.stats}
 }
 
-func cmpInt64(a, b int64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
+func (m *memoryStore) read(_ context.Context, typ string, spans []span) (typeMeta, []storedBucket, error) {
+	t := m.lookup(typ)
+	if t == nil {
+		return typeMeta{name: typ}, nil, nil
 	}
-	return 0
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	var out []storedBucket
+	for _, s := range spans {
+		if s.res == resAll {
+			if t.all.count > 0 {
+				out = append(out, t.all.stored(resAll))
+			}
+			continue
+		}
+		list := t.buckets[s.res]
+		i := sort.Search(len(list), func(j int) bool { return list[j].start >= s.start })
+		for ; i < len(list) && list[i].start < s.end; i++ {
+			out = append(out, list[i].stored(s.res))
+		}
+	}
+	return t.metaLocked(typ), out, nil
+}
+
+func (m *memoryStore) types(context.Context) ([]typeMeta, error) {
+	var out []typeMeta
+	m.byName.Range(func(k, v any) bool {
+		t := v.(*memType)
+		t.mu.RLock()
+		if t.version.Load() > 0 {
+			out = append(out, t.metaLocked(k.(string)))
+		}
+		t.mu.RUnlock()
+		return true
+	})
+	slices.SortFunc(out, func(a, b typeMeta) int {
+		switch {
+		case a.name < b.name:
+			return -1
+		case a.name > b.name:
+			return 1
+		}
+		return 0
+	})
+	return out, nil
+}
+
+// sweep drops the buckets retention no longer keeps at now. It runs in the
+// background loop, so no request pays for it; each type is locked only
+// while its own buckets are trimmed.
+func (m *memoryStore) sweep(now time.Time) {
+	m.byName.Range(func(_, v any) bool {
+		t := v.(*memType)
+		t.mu.Lock()
+		anchor := floorDiv(min(t.newest, now.UnixMicro()), 1_000_000)
+		for r := res1s; r < numRes; r++ {
+			first := m.horizon.firstKept(r, anchor)
+			list := t.buckets[r]
+			n := sort.Search(len(list), func(j int) bool { return list[j].start >= first })
+			if n == 0 {
+				continue
+			}
+			// A fresh array once most of the old one is behind us, so the
+			// memory of dropped buckets goes back.
+			if rest := list[n:]; len(rest) < cap(list)/4 {
+				t.buckets[r] = slices.Clone(rest)
+			} else {
+				t.buckets[r] = rest
+			}
+		}
+		t.mu.Unlock()
+		return true
+	})
 }
 
 // ---- Redis ----
 
-// redisStore keeps each type in four keys sharing the type's hash tag:
-//
-//	{t}:agg  hash: the type's version and all-time count, sum, min, max
-//	{t}:ts   sorted set: one member "value:id" per sample, scored by its
-//	         timestamp in microseconds; the id keeps equal samples apart
-//	{t}:b    hash: per minute bucket, "count sum min max" of its samples
-//	{t}:bi   sorted set: the bucket numbers, to find a window's buckets
-//
-// A windowed summary reads the whole buckets inside its window and only
-// the samples of the part-buckets at its two edges, so its cost grows with
-// the window's length in minutes and two minutes' samples, not with every
-// sample in it. A set of type names enforces MAX_TYPES.
+// redisStore keeps each type's buckets in hashes of their own, named and
+// explained in keys.go. One ingest is one script (lua/ingest.lua), which
+// also deletes what retention no longer keeps; one read is one round trip
+// of MULTI/EXEC blocks.
 type redisStore struct {
 	pool     *redisPool
-	prefix   string
+	keys     keys
+	horizon  retention
 	maxTypes int
-
-	idPrefix string        // random per store, so ids of instances differ
-	nextID   atomic.Uint64 // with idPrefix, names each sample
 }
 
-// bucketWidth is the width of a bucket, in microseconds.
-const bucketWidth = int64(time.Minute / time.Microsecond)
+//go:embed lua/ingest.lua
+var ingestLua string
 
-func newRedisStore(pool *redisPool, prefix string, maxTypes int) *redisStore {
-	return &redisStore{
-		pool: pool, prefix: prefix, maxTypes: maxTypes,
-		idPrefix: strconv.FormatUint(rand.Uint64()>>16, 36) + "-",
-	}
+var ingestScript = newScript(ingestLua)
+
+func newRedisStore(pool *redisPool, k keys, h retention, maxTypes int) *redisStore {
+	return &redisStore{pool: pool, keys: k, horizon: h, maxTypes: maxTypes}
 }
 
-func (s *redisStore) typesKey() string { return s.prefix + "types" }
+// ingestGrace is how long past REDIS_TIMEOUT an ingest waits for its
+// script's answer. The fence lets the script start only within the first
+// half of REDIS_TIMEOUT; one that started is given the time to finish, so
+// that its answer, and not a timeout, says whether the samples are stored.
+const ingestGrace = time.Second
 
-// typeKey names one of a type's keys; the braces are its Redis Cluster
-// hash tag, so every key of a type lives in one slot. (The ingest script
-// also touches the set of type names, and a batch may hold several types,
-// so it needs one Redis, not a Cluster; reads of one type stay in a slot.)
-func typeKey(prefix, typ, kind string) string {
-	return prefix + "{" + typ + "}:" + kind
-}
-
-// ingestScript applies a whole ingest, every type of it, in one atomic step.
-// The service does the per-sample work (aggregates, bucket totals, member
-// names), so the script's own work per sample is one ZADD element.
-//
-// KEYS: the type-name set, then per type its agg, ts, b and bi keys.
-// ARGV: MAX_TYPES, the fence (Unix microseconds), then per type: its name,
-// sample count n, bucket count nb, the samples' count sum min max; nb
-// groups of bucket count sum min max; n pairs of timestamp and member.
-//
-// The fence keeps a 503 honest: a script that reaches Redis after the
-// service has given up on it (Redis stalled, or the network) stores
-// nothing, instead of storing samples the client was told were not stored.
-// It is on Redis's clock (see redisPool.clockOffset).
-var ingestScript = newScript(`
-redis.replicate_commands()
-local now = redis.call('TIME')
-if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[2]) then
-  return redis.error_reply('FENCED ingest reached Redis after its deadline')
-end
-local function merge(c, s, lo, hi, c2, s2, lo2, hi2)
-  if c == 0 then return c2, s2, lo2, hi2 end
-  return c + c2, s + s2, math.min(lo, lo2), math.max(hi, hi2)
-end
-local function num(x) return string.format('%.17g', x) end
-local maxTypes = tonumber(ARGV[1])
-local new, firstNew, a = 0, nil, 3
-for k = 2, #KEYS, 4 do
-  if redis.call('SISMEMBER', KEYS[1], ARGV[a]) == 0 then
-    new = new + 1
-    firstNew = firstNew or ARGV[a]
-  end
-  a = a + 7 + 5 * tonumber(ARGV[a + 2]) + 2 * tonumber(ARGV[a + 1])
-end
-if new > 0 and redis.call('SCARD', KEYS[1]) + new > maxTypes then
-  return redis.error_reply('TOOMANYTYPES ' .. firstNew)
-end
-a = 3
-for k = 2, #KEYS, 4 do
-  local agg, ts, b, bi = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local n, nb = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  if new > 0 then redis.call('SADD', KEYS[1], ARGV[a]) end
-  local cur = redis.call('HMGET', agg, 'ver', 'count', 'sum', 'min', 'max')
-  local c, s, lo, hi = merge(tonumber(cur[2]) or 0, tonumber(cur[3]) or 0, tonumber(cur[4]), tonumber(cur[5]),
-    tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]))
-  redis.call('HSET', agg, 'ver', string.format('%d', (tonumber(cur[1]) or 0) + n), 'count', string.format('%d', c),
-    'sum', num(s), 'min', num(lo), 'max', num(hi))
-  a = a + 7
-  for j = 1, nb do
-    local id = ARGV[a]
-    local old = redis.call('HGET', b, id)
-    local oc, os, ol, oh = 0, 0, nil, nil
-    if old then
-      oc, os, ol, oh = string.match(old, '(%S+) (%S+) (%S+) (%S+)')
-      oc, os, ol, oh = tonumber(oc), tonumber(os), tonumber(ol), tonumber(oh)
-    else
-      redis.call('ZADD', bi, id, id) -- a new bucket
-    end
-    c, s, lo, hi = merge(oc, os, ol, oh, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]))
-    redis.call('HSET', b, id, string.format('%d', c) .. ' ' .. num(s) .. ' ' .. num(lo) .. ' ' .. num(hi))
-    a = a + 5
-  end
-  local last = a + 2 * n - 1
-  while a <= last do
-    local e = math.min(a + 1999, last)
-    redis.call('ZADD', ts, unpack(ARGV, a, e))
-    a = e + 1
-  end
-end
-return 1
-`)
-
-func (s *redisStore) add(ctx context.Context, samples []sample) error {
-	groups := groupByType(samples)
-	keys := make([]string, 0, 1+4*len(groups))
-	args := make([]any, 0, 2+7*len(groups)+2*len(samples)+5*len(groups))
-	keys = append(keys, s.typesKey())
-	args = append(args, s.maxTypes, 0) // the fence is set below
-	for _, g := range groups {
-		typ := g[0].typ
-		keys = append(keys, typeKey(s.prefix, typ, "agg"), typeKey(s.prefix, typ, "ts"),
-			typeKey(s.prefix, typ, "b"), typeKey(s.prefix, typ, "bi"))
-		var all stats
-		buckets := map[int64]*stats{}
-		for _, smp := range g {
-			all.add(smp.value)
-			id := floorDiv(smp.at, bucketWidth)
-			if buckets[id] == nil {
-				buckets[id] = &stats{}
-			}
-			buckets[id].add(smp.value)
-		}
-		args = append(args, typ, len(g), len(buckets))
-		args = appendStats(args, all)
-		for id, st := range buckets {
-			args = appendStats(append(args, id), *st)
-		}
-		base := s.nextID.Add(uint64(len(g))) - uint64(len(g))
-		for i, smp := range g {
-			member := fmtFloat(smp.value) + ":" + s.idPrefix + strconv.FormatUint(base+uint64(i), 36)
-			args = append(args, smp.at, member)
+// indexed is the resolutions whose buckets expire, each with a retention
+// index; their position (from 1) is how the script refers to them.
+func (s *redisStore) indexed() []resolution {
+	var out []resolution
+	for r := res1s; r < numRes; r++ {
+		if s.horizon[r] != 0 {
+			out = append(out, r)
 		}
 	}
-	return s.pool.with(ctx, "ingest", func(c redis.Conn, deadline time.Time) error {
-		// The script must start early enough for its answer to come back
-		// before the deadline; a fifth of the round trip's budget is kept
-		// for the run and the answer.
-		args[1] = s.pool.redisMicros(deadline.Add(-s.pool.timeout / 5))
-		_, err := ingestScript.run(c, deadline, keys, args...)
-		if rerr, ok := err.(redis.Error); ok {
-			if typ, found := strings.CutPrefix(string(rerr), "TOOMANYTYPES "); found {
-				return &tooManyTypesError{typ}
-			}
-		}
-		return err
-	})
+	return out
 }
 
-func appendStats(args []any, st stats) []any {
-	return append(args, st.count, fmtFloat(st.sum), fmtFloat(st.min), fmtFloat(st.max))
+func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time) error {
+	idx := s.indexed()
+	ix := map[resolution]int{}
+	keys := []string{s.keys.types()}
+	args := []any{0, now.UnixMicro(), s.maxTypes, maxBinsPerSign, len(batches), len(idx)}
+	for i, r := range idx {
+		ix[r] = i + 1
+		args = append(args, s.horizon[r], r.seconds(), r.chunk()*r.seconds())
+	}
+	for _, b := range batches {
+		keys = append(keys, s.keys.meta(b.typ))
+		args = append(args, b.typ, b.samples, b.first, b.newest, b.keepUntil, len(b.deltas))
+		for _, r := range idx {
+			args = append(args, s.keys.bucketPrefix(b.typ, r))
+		}
+		for _, d := range b.deltas {
+			keys = append(keys, s.keys.bucket(b.typ, d.res, d.start))
+			args = append(args, ix[d.res], d.start, s.horizon.expiry(d.res, d.start), formatStats(d), len(d.bins))
+			for _, bc := range d.bins {
+				args = append(args, bc.code, bc.n)
+			}
+		}
+		for _, r := range idx {
+			keys = append(keys, s.keys.index(b.typ, r))
+		}
+	}
+	start := time.Now()
+	fence := start.Add(s.pool.timeout / 2)
+	borrowCtx, cancel := context.WithDeadline(ctx, fence)
+	defer cancel()
+	c, err := s.pool.GetContext(borrowCtx)
+	if err == nil {
+		args[0] = s.pool.redisMicros(fence)
+		_, err = ingestScript.run(c, start.Add(s.pool.timeout+ingestGrace), keys, args...)
+		c.Close()
+	}
+	if rerr, ok := err.(redis.Error); ok {
+		f := strings.Fields(string(rerr))
+		switch {
+		case len(f) == 2 && f[0] == "TOOMANYTYPES":
+			return &tooManyTypesError{f[1]}
+		case len(f) == 3 && f[0] == "TOOOLD":
+			anchor, perr := strconv.ParseInt(f[2], 10, 64)
+			if perr == nil {
+				return &tooOldError{typ: f[1], anchor: anchor}
+			}
+		}
+	}
+	if err != nil {
+		s.pool.tel.storeError("ingest")
+	}
+	return err
+}
+
+// formatStats writes a delta as a bucket's field a holds its stats:
+// "count sum min max zeros plo ptop nlo ntop", the lowest and highest bin
+// index of each sign ("x" for none), which the script needs to apply the
+// bins' bound.
+func formatStats(d bucketDelta) string {
+	lo, top := [2]string{"x", "x"}, [2]string{"x", "x"}
+	for _, bc := range d.bins {
+		i, neg := splitCode(bc.code)
+		s := 0
+		if neg {
+			s = 1
+		}
+		if lo[s] == "x" {
+			lo[s] = strconv.Itoa(int(i))
+		}
+		top[s] = strconv.Itoa(int(i))
+	}
+	return strconv.FormatInt(d.count, 10) + " " + fmtFloat(d.sum) + " " + fmtFloat(d.min) + " " + fmtFloat(d.max) + " " +
+		strconv.FormatUint(d.zero, 10) + " " + lo[0] + " " + top[0] + " " + lo[1] + " " + top[1]
 }
 
 func fmtFloat(f float64) string { return strconv.FormatFloat(f, 'g', -1, 64) }
 
-// floorDiv is a / b rounded down, also for negative a.
-func floorDiv(a, b int64) int64 {
-	q := a / b
-	if a%b != 0 && (a < 0) != (b < 0) {
-		q--
+// readBlock is how many buckets one MULTI/EXEC block of a read holds: a
+// block runs atomically in Redis, and blocks of this size keep any one of
+// them to about a millisecond of Redis's time.
+const readBlock = 1000
+
+func (s *redisStore) read(ctx context.Context, typ string, spans []span) (meta typeMeta, out []storedBucket, err error) {
+	type ref struct {
+		res   resolution
+		start int64
 	}
-	return q
-}
-
-// windowScript sums a window: the samples of its part-buckets from {t}:ts
-// and its whole buckets from {t}:b, with the version, in one atomic step.
-// KEYS: agg, ts, b, bi. ARGV: the number r of sample ranges, r pairs of
-// ZRANGEBYSCORE bounds, then the bounds of the bucket range ("" for none).
-// It answers strings: version, count, sum, min, max ("" when empty).
-var windowScript = newScript(`
-local count, sum, mn, mx = 0, 0, nil, nil
-local function add(c, s, lo, hi)
-  count, sum = count + c, sum + s
-  if mn == nil or lo < mn then mn = lo end
-  if mx == nil or hi > mx then mx = hi end
-end
-local r = tonumber(ARGV[1])
-for i = 0, r - 1 do
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2 + 2 * i], ARGV[3 + 2 * i])) do
-    local v = tonumber(string.match(m, '^[^:]+'))
-    add(1, v, v, v)
-  end
-end
-local blo, bhi = ARGV[2 + 2 * r], ARGV[3 + 2 * r]
-if blo ~= '' then
-  local ids = redis.call('ZRANGEBYSCORE', KEYS[4], blo, bhi)
-  for i = 1, #ids, 1000 do
-    for _, b in ipairs(redis.call('HMGET', KEYS[3], unpack(ids, i, math.min(i + 999, #ids)))) do
-      if b then
-        local c, s, lo, hi = string.match(b, '(%S+) (%S+) (%S+) (%S+)')
-        add(tonumber(c), tonumber(s), tonumber(lo), tonumber(hi))
-      end
-    end
-  end
-end
-local function num(x) if x == nil then return '' end return string.format('%.17g', x) end
-return {redis.call('HGET', KEYS[1], 'ver') or '0', string.format('%d', count), num(sum), num(mn), num(mx)}
-`)
-
-func (s *redisStore) summarize(ctx context.Context, typ string, w window) (st stats, version uint64, err error) {
-	err = s.pool.with(ctx, "summary", func(c redis.Conn, deadline time.Time) error {
-		if w == allTime {
-			vals, err := redis.Strings(do(c, deadline, "HMGET", typeKey(s.prefix, typ, "agg"), "ver", "count", "sum", "min", "max"))
-			if err != nil {
-				return err
-			}
-			st, version, err = parseAgg(vals)
-			return err
+	var refs []ref
+	for _, sp := range spans {
+		if sp.res == resAll {
+			refs = append(refs, ref{resAll, 0})
+			continue
 		}
-		keys := []string{typeKey(s.prefix, typ, "agg"), typeKey(s.prefix, typ, "ts"),
-			typeKey(s.prefix, typ, "b"), typeKey(s.prefix, typ, "bi")}
-		vals, err := redis.Strings(windowScript.run(c, deadline, keys, windowPlan(w)...))
+		for t := sp.start; t < sp.end; t += sp.res.seconds() {
+			refs = append(refs, ref{sp.res, t})
+		}
+	}
+	err = s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
+		for i := 0; i == 0 || i < len(refs); i += readBlock {
+			c.Send("MULTI")
+			if i == 0 {
+				c.Send("HMGET", s.keys.meta(typ), "v", "f", "n")
+			}
+			for _, r := range refs[i:min(i+readBlock, len(refs))] {
+				c.Send("HGETALL", s.keys.bucket(typ, r.res, r.start))
+			}
+			c.Send("EXEC")
+		}
+		replies, err := redis.Values(do(c, deadline, ""))
 		if err != nil {
 			return err
 		}
-		st, version, err = parseAgg(vals)
+		n := 0 // refs read so far
+		for _, rep := range replies {
+			block, ok := rep.([]any)
+			if !ok {
+				continue // the OK of MULTI and the QUEUED of each command
+			}
+			if n == 0 {
+				if meta, err = parseMeta(typ, block[0]); err != nil {
+					return err
+				}
+				block = block[1:]
+			}
+			for _, b := range block {
+				fields, err := redis.ByteSlices(b, nil)
+				if err != nil {
+					return err
+				}
+				r := refs[n]
+				n++
+				if len(fields) == 0 {
+					continue
+				}
+				sb, err := parseBucket(fields)
+				if err != nil {
+					return err
+				}
+				sb.res, sb.start = r.res, r.start
+				out = append(out, sb)
+			}
+		}
+		return nil
+	})
+	return meta, out, err
+}
+
+func parseMeta(typ string, reply any) (typeMeta, error) {
+	vals, err := redis.Strings(reply, nil)
+	if err != nil || len(vals) != 3 || vals[0] == "" {
+		return typeMeta{name: typ}, err
+	}
+	m := typeMeta{name: typ}
+	var errs [3]error
+	m.version, errs[0] = strconv.ParseUint(vals[0], 10, 64)
+	m.first, errs[1] = strconv.ParseInt(vals[1], 10, 64)
+	m.newest, errs[2] = strconv.ParseInt(vals[2], 10, 64)
+	if err := errors.Join(errs[:]...); err != nil {
+		return typeMeta{name: typ}, fmt.Errorf("malformed meta of %s: %w", typ, err)
+	}
+	return m, nil
+}
+
+// parseBucket reads a bucket hash as HGETALL returns it.
+func parseBucket(fields [][]byte) (storedBucket, error) {
+	var b storedBucket
+	b.bins = make([]binCount, 0, len(fields)/2)
+	for i := 0; i+1 < len(fields); i += 2 {
+		if string(fields[i]) == "a" {
+			st, zero, err := parseStats(string(fields[i+1]))
+			if err != nil {
+				return b, err
+			}
+			b.stats, b.zero = st, zero
+			continue
+		}
+		code, err1 := strconv.ParseInt(string(fields[i]), 10, 32)
+		n, err2 := strconv.ParseUint(string(fields[i+1]), 10, 64)
+		if err := errors.Join(err1, err2); err != nil {
+			return b, fmt.Errorf("malformed bucket bin: %w", err)
+		}
+		b.bins = append(b.bins, binCount{int32(code), n})
+	}
+	slices.SortFunc(b.bins, func(x, y binCount) int { return cmp.Compare(x.code, y.code) })
+	return b, nil
+}
+
+// parseStats reads a bucket's field a: "count sum min max zero ...".
+func parseStats(a string) (stats, uint64, error) {
+	f := strings.Fields(a)
+	if len(f) < 5 {
+		return stats{}, 0, fmt.Errorf("malformed bucket stats %q", a)
+	}
+	var st stats
+	var errs [5]error
+	var zero uint64
+	st.count, errs[0] = strconv.ParseInt(f[0], 10, 64)
+	st.sum, errs[1] = strconv.ParseFloat(f[1], 64)
+	st.min, errs[2] = strconv.ParseFloat(f[2], 64)
+	st.max, errs[3] = strconv.ParseFloat(f[3], 64)
+	zero, errs[4] = strconv.ParseUint(f[4], 10, 64)
+	if err := errors.Join(errs[:]...); err != nil {
+		return stats{}, 0, fmt.Errorf("malformed bucket stats %q: %w", a, err)
+	}
+	return st, zero, nil
+}
+
+func (s *redisStore) meta(ctx context.Context, typ string) (typeMeta, error) {
+	all, err := s.metas(ctx, []string{typ})
+	if err != nil {
+		return typeMeta{name: typ}, err
+	}
+	return all[0], nil
+}
+
+// metas reads the meta of each type, and its running total when days are
+// kept forever, in one round trip.
+func (s *redisStore) metas(ctx context.Context, names []string) ([]typeMeta, error) {
+	out := make([]typeMeta, len(names))
+	err := s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
+		for _, name := range names {
+			c.Send("MULTI")
+			c.Send("HMGET", s.keys.meta(name), "v", "f", "n")
+			c.Send("HGET", s.keys.bucket(name, resAll, 0), "a")
+			c.Send("EXEC")
+		}
+		replies, err := redis.Values(do(c, deadline, ""))
+		if err != nil {
+			return err
+		}
+		n := 0
+		for _, rep := range replies {
+			block, ok := rep.([]any)
+			if !ok {
+				continue
+			}
+			m, err := parseMeta(names[n], block[0])
+			if err != nil {
+				return err
+			}
+			if a, ok := block[1].([]byte); ok {
+				if m.total, _, err = parseStats(string(a)); err != nil {
+					return err
+				}
+			}
+			out[n] = m
+			n++
+		}
+		return nil
+	})
+	return out, err
+}
+
+func (s *redisStore) types(ctx context.Context) ([]typeMeta, error) {
+	var names []string
+	err := s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
+		var err error
+		names, err = redis.Strings(do(c, deadline, "SMEMBERS", s.keys.types()))
 		return err
 	})
-	return st, version, err
-}
-
-// windowPlan splits w into the whole buckets inside it and the sample
-// ranges left at its edges, as windowScript's ARGV.
-func windowPlan(w window) []any {
-	first, end := int64(math.MinInt64), int64(math.MaxInt64) // whole buckets [first, end)
-	if w.from != allTime.from {
-		first = -floorDiv(-w.from, bucketWidth) // rounded up
+	if err != nil {
+		return nil, err
 	}
-	if w.to != allTime.to {
-		end = floorDiv(w.to, bucketWidth)
+	slices.Sort(names)
+	var out []typeMeta
+	for i := 0; i < len(names); i += readBlock {
+		ms, err := s.metas(ctx, names[i:min(i+readBlock, len(names))])
+		if err != nil {
+			return nil, err
+		}
+		for _, m := range ms {
+			if m.version > 0 {
+				out = append(out, m)
+			}
+		}
 	}
-	if first != math.MinInt64 && end != math.MaxInt64 && first >= end {
-		// No whole bucket: the window is within two buckets' samples.
-		return []any{1, scoreBound(w.from, true), scoreBound(w.to, false), "", ""}
-	}
-	var ranges []any
-	if first != math.MinInt64 && first*bucketWidth > w.from {
-		ranges = append(ranges, scoreBound(w.from, true), scoreBound(first*bucketWidth, false))
-	}
-	if end != math.MaxInt64 && end*bucketWidth < w.to {
-		ranges = append(ranges, scoreBound(end*bucketWidth, true), scoreBound(w.to, false))
-	}
-	return append(append([]any{len(ranges) / 2}, ranges...), scoreBound(first, true), scoreBound(end, false))
-}
-
-// scoreBound is a ZRANGEBYSCORE bound: from is inclusive, to exclusive.
-func scoreBound(at int64, from bool) string {
-	switch {
-	case at == math.MinInt64:
-		return "-inf"
-	case at == math.MaxInt64:
-		return "+inf"
-	case from:
-		return strconv.FormatInt(at, 10)
-	}
-	return "(" + strconv.FormatInt(at, 10)
-}
-
-func parseVersion(reply any) (uint64, error) {
-	if reply == nil {
-		return 0, nil
-	}
-	return redis.Uint64(reply, nil)
-}
-
-// parseAgg reads ver count sum min max, as HMGET of {t}:agg or windowScript
-// answers them: all empty for a type never written, min and max empty for
-// a window with no samples.
-func parseAgg(vals []string) (stats, uint64, error) {
-	if vals[0] == "" {
-		return stats{}, 0, nil
-	}
-	var (
-		st   stats
-		errs [5]error
-		ver  uint64
-	)
-	ver, errs[0] = strconv.ParseUint(vals[0], 10, 64)
-	st.count, errs[1] = strconv.ParseInt(vals[1], 10, 64)
-	st.sum, errs[2] = strconv.ParseFloat(vals[2], 64)
-	if st.count > 0 {
-		st.min, errs[3] = strconv.ParseFloat(vals[3], 64)
-		st.max, errs[4] = strconv.ParseFloat(vals[4], 64)
-	}
-	if err := errors.Join(errs[:]...); err != nil {
-		return stats{}, 0, fmt.Errorf("malformed aggregate: %w", err)
-	}
-	return st, ver, nil
+	return out, nil
 }

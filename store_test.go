@@ -1,0 +1,279 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"testing"
+	"time"
+)
+
+// rawSample is what a brute-force check keeps of each sample it stored.
+type rawSample struct {
+	at    int64 // Unix microseconds
+	value float64
+}
+
+// bruteForce recomputes a window's answer from the raw samples:
+// count, sum (added in no particular order: the values are dyadic, so any
+// order is exact), min, max and the exact nearest-rank percentiles.
+func bruteForce(raw []rawSample, from, to *int64) (st stats, pct []float64) {
+	var vals []float64
+	for _, r := range raw {
+		sec := floorDiv(r.at, 1_000_000)
+		if (from == nil || sec >= *from) && (to == nil || sec < *to) {
+			st.add(r.value)
+			vals = append(vals, r.value)
+		}
+	}
+	slices.Sort(vals)
+	for _, p := range percentilesReported {
+		if len(vals) > 0 {
+			rank := int(math.Ceil(p / 100 * float64(len(vals))))
+			pct = append(pct, vals[max(rank, 1)-1])
+		}
+	}
+	return st, pct
+}
+
+// randomIngests makes n samples of typ spread over span seconds from start
+// (clustered, so window edges fall among samples), with dyadic values of
+// both signs and zero, cut into batches of random sizes.
+func randomIngests(rng *rand.Rand, typ string, start time.Time, span int64, n int) ([][]sample, []rawSample) {
+	var batches [][]sample
+	var raw []rawSample
+	centers := []int64{0, span / 3, span / 2, span - 1}
+	for len(raw) < n {
+		size := 1 + rng.IntN(50)
+		var b []sample
+		for range size {
+			c := centers[rng.IntN(len(centers))]
+			off := c + rng.Int64N(7200) - 3600
+			off = min(max(off, 0), span-1)
+			at := start.Add(time.Duration(off)*time.Second).UnixMicro() + rng.Int64N(1_000_000)
+			v := float64(rng.IntN(4001)-2000) / 4
+			if rng.IntN(10) == 0 {
+				v *= 1 << 20 // a wide spread of magnitudes
+			}
+			b = append(b, sample{typ: typ, at: at, value: v})
+			raw = append(raw, rawSample{at, v})
+		}
+		batches = append(batches, b)
+	}
+	return batches, raw
+}
+
+func addSamples(t *testing.T, s metricStore, h retention, samples []sample, now time.Time) {
+	t.Helper()
+	if err := s.add(context.Background(), aggregate(samples, h), now); err != nil {
+		t.Fatalf("add: %v", err)
+	}
+}
+
+// sameValues reports whether two answers agree to the bit.
+func sameValues(a, b aggregateValues) bool {
+	bits := func(p *float64) uint64 {
+		if p == nil {
+			return 1<<64 - 1
+		}
+		return math.Float64bits(*p)
+	}
+	return a.Count == b.Count && math.Float64bits(a.Sum) == math.Float64bits(b.Sum) &&
+		math.Float64bits(a.Average) == math.Float64bits(b.Average) &&
+		bits(a.Min) == bits(b.Min) && bits(a.Max) == bits(b.Max) && bits(a.P50) == bits(b.P50) &&
+		bits(a.P90) == bits(b.P90) && bits(a.P95) == bits(b.P95) && bits(a.P99) == bits(b.P99)
+}
+
+func checkAgainstBruteForce(t *testing.T, name string, got aggregateValues, raw []rawSample, from, to *int64) {
+	t.Helper()
+	st, pct := bruteForce(raw, from, to)
+	if got.Count != st.count || got.Sum != st.sum {
+		t.Fatalf("%s window [%s, %s): count, sum = %d, %v; want %d, %v", name, optBound(from), optBound(to), got.Count, got.Sum, st.count, st.sum)
+	}
+	if st.count == 0 {
+		if got.Min != nil || got.P50 != nil {
+			t.Fatalf("%s empty window has min or percentiles: %+v", name, got)
+		}
+		return
+	}
+	if *got.Min != st.min || *got.Max != st.max {
+		t.Fatalf("%s window [%s, %s): min, max = %v, %v; want %v, %v", name, optBound(from), optBound(to), *got.Min, *got.Max, st.min, st.max)
+	}
+	for i, p := range []*float64{got.P50, got.P90, got.P95, got.P99} {
+		want := pct[i]
+		if p == nil || math.Abs(*p-want) > 0.01*math.Abs(want) || *p < st.min || *p > st.max {
+			t.Fatalf("%s window [%s, %s): p%v = %v, want within 1%% of %v", name, optBound(from), optBound(to), percentilesReported[i], p, want)
+		}
+	}
+}
+
+// TestWindowsMatchBruteForce stores the same random samples in the memory
+// store and in Redis (through two instances, alternately), then checks
+// 1,000 random whole-second windows against a recomputation from the raw
+// samples, and the two stores against each other, to the bit.
+func TestWindowsMatchBruteForce(t *testing.T) {
+	needRedis(t)
+	cfg := testConfig(t)
+	cfg.Retention = retention{} // everything kept: every window is answerable
+	clock := newFakeClock(testEpoch.Add(10 * 24 * time.Hour))
+	mem := newMemoryBackend(cfg, clock.now)
+	prefix := testPrefix()
+	redisA := newRedisBackend(testPool(t, cfg, prefix), prefix, cfg, clock.now)
+	poolB := newRedisPool(cfg, nil)
+	t.Cleanup(func() { poolB.Close() })
+	redisB := newRedisBackend(poolB, prefix, cfg, clock.now)
+
+	rng := rand.New(rand.NewPCG(7, 8))
+	span := int64(3 * 86400)
+	batches, raw := randomIngests(rng, "cpu", testEpoch, span, 3000)
+	other, _ := randomIngests(rng, "mem", testEpoch, span, 200) // must not leak into cpu
+	for i, b := range append(batches, other...) {
+		addSamples(t, mem.store, cfg.Retention, b, clock.now())
+		r := redisA
+		if i%2 == 1 {
+			r = redisB
+		}
+		addSamples(t, r.store, cfg.Retention, b, clock.now())
+	}
+	ctx := context.Background()
+	base := testEpoch.Unix()
+	for i := range 1000 {
+		var from, to *int64
+		if i%50 != 0 {
+			f := base - 600 + rng.Int64N(span+1200)
+			l := []int64{1, 59, 61, 3599, 3601, 86399, 86401, span}[rng.IntN(8)]
+			e := f + rng.Int64N(l+1)
+			from, to = &f, &e
+			if i%50 == 7 {
+				from = nil
+			}
+			if i%50 == 9 {
+				to = nil
+			}
+		}
+		m, _, err := mem.reader.window(ctx, "cpu", from, to)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rd, _, err := redisA.reader.window(ctx, "cpu", from, to)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mv, rv := m.values(), rd.values()
+		checkAgainstBruteForce(t, "memory", mv, raw, from, to)
+		checkAgainstBruteForce(t, "redis", rv, raw, from, to)
+		if !sameValues(mv, rv) {
+			t.Fatalf("window [%s, %s): memory %+v and redis %+v differ", optBound(from), optBound(to), mv, rv)
+		}
+	}
+}
+
+// TestRedisIngestAllOrNothing reproduces a partial write: with one key of
+// the wrong type, a batch of two types used to store the first and fail on
+// the second, and each retry added the first again.
+func TestRedisIngestAllOrNothing(t *testing.T) {
+	needRedis(t)
+	cfg := testConfig(t)
+	prefix := testPrefix()
+	pool := testPool(t, cfg, prefix)
+	b := newRedisBackend(pool, prefix, cfg, time.Now)
+	k := keys{prefix}
+	c := pool.Get()
+	defer c.Close()
+	at := testEpoch.UnixMicro()
+	batch := []sample{{typ: "aaa", at: at, value: 1}, {typ: "bbb", at: at, value: 2}}
+	for _, bad := range []string{k.meta("bbb"), k.bucket("bbb", res1m, floorTo(testEpoch.Unix(), 60)), k.index("bbb", res1s), k.types()} {
+		if _, err := c.Do("SET", bad, "x"); err != nil {
+			t.Fatal(err)
+		}
+		for range 2 {
+			if err := b.store.add(context.Background(), aggregate(batch, cfg.Retention), time.Now()); err == nil {
+				t.Fatalf("add with %s of the wrong type = nil, want an error", bad)
+			}
+		}
+		if m, err := b.store.meta(context.Background(), "aaa"); err != nil || m.version != 0 {
+			t.Fatalf("with %s of the wrong type, aaa = %+v, %v; want nothing stored", bad, m, err)
+		}
+		if n, _ := c.Do("EXISTS", k.bucket("aaa", resAll, 0), k.bucket("aaa", res1s, testEpoch.Unix())); n != int64(0) {
+			t.Fatalf("with %s of the wrong type, %v of aaa's buckets exist", bad, n)
+		}
+		c.Do("DEL", bad)
+	}
+}
+
+// TestRedisOutOfMemoryStoresNothing: a Redis at its memory limit refuses
+// the ingest script at its first write, so nothing of it is stored.
+func TestRedisOutOfMemoryStoresNothing(t *testing.T) {
+	srv := startRedis(t, "--maxmemory-policy", "noeviction")
+	cfg := testConfig(t)
+	cfg.RedisAddr = srv.addr
+	pool := newRedisPool(cfg, nil)
+	defer pool.Close()
+	b := newRedisBackend(pool, "", cfg, time.Now)
+	c := pool.Get()
+	defer c.Close()
+	if _, err := c.Do("CONFIG", "SET", "maxmemory", "1"); err != nil {
+		t.Fatal(err)
+	}
+	var batch []sample
+	for i := range 100 {
+		batch = append(batch, sample{typ: fmt.Sprintf("t%d", i), at: testEpoch.UnixMicro(), value: 1})
+	}
+	if err := b.store.add(context.Background(), aggregate(batch, cfg.Retention), time.Now()); err == nil {
+		t.Fatal("add with Redis out of memory = nil, want an error")
+	}
+	c.Do("CONFIG", "SET", "maxmemory", "0")
+	if n, err := c.Do("DBSIZE"); err != nil || n != int64(0) {
+		t.Fatalf("after a refused ingest Redis holds %v keys (%v), want 0", n, err)
+	}
+}
+
+// TestRedisLargestBatchIsHonest reproduces "503 yet stored": the largest
+// batch the limits allow (MAX_BATCH samples of distinct types) ran past the
+// fence's budget, so the service answered 503 for samples that were
+// stored. Now its answer is the truth: stored and acknowledged, or refused
+// and absent, also at a tight REDIS_TIMEOUT and after Redis was busy.
+func TestRedisLargestBatchIsHonest(t *testing.T) {
+	needRedis(t)
+	for _, c := range []struct {
+		name    string
+		timeout time.Duration
+		busy    string // seconds Redis is kept busy just before
+	}{{"default timeout", 500 * time.Millisecond, ""}, {"tight timeout", 150 * time.Millisecond, ""}, {"busy redis", 500 * time.Millisecond, "0.45"}} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := testConfig(t)
+			cfg.RedisTimeout = c.timeout
+			prefix := testPrefix()
+			pool := testPool(t, cfg, prefix)
+			b := newRedisBackend(pool, prefix, cfg, time.Now)
+			var batch []sample
+			for i := range cfg.MaxBatch {
+				batch = append(batch, sample{typ: fmt.Sprintf("t%05d", i), at: testEpoch.UnixMicro() + int64(i), value: 1})
+			}
+			batches := aggregate(batch, cfg.Retention)
+			if c.busy != "" {
+				// Sent, not awaited: whether Redis sleeps before or after the
+				// ingest arrives, the answer must be the truth.
+				busy := pool.Get()
+				defer busy.Close()
+				busy.Send("DEBUG", "SLEEP", c.busy)
+				busy.Flush()
+			}
+			start := time.Now()
+			err := b.store.add(context.Background(), batches, time.Now())
+			t.Logf("add took %v", time.Since(start))
+			side := pool.Get()
+			defer side.Close()
+			n, serr := side.Do("SCARD", keys{prefix}.types())
+			if serr != nil {
+				t.Fatal(serr)
+			}
+			if err == nil && n != int64(cfg.MaxBatch) || err != nil && n != int64(0) {
+				t.Fatalf("add = %v with %v types stored; want nil with %d, or an error with none", err, n, cfg.MaxBatch)
+			}
+			t.Logf("add = %v, %v types stored", err, n)
+		})
+	}
+}
