@@ -11,6 +11,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"net/url"
 	"regexp"
@@ -577,4 +578,47 @@ func TestTypeFloodBounded(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestSlowBodiesHoldWhatTheySent reproduces the body preallocation: any
+// Content-Length up to 64 KiB was allocated in full before the body
+// arrived, so 6,000 slow connections held 485 MB. Now a body grows as it
+// arrives: 1,000 connections that declare 64 KiB and send one byte hold
+// far less than 1,000 x 64 KiB. Not parallel: it measures the heap.
+func TestSlowBodiesHoldWhatTheySent(t *testing.T) {
+	const conns, declared = 1000, 64 << 10
+	cfg := testConfig(t)
+	b := newMemoryBackend(cfg, time.Now)
+	var entered atomic.Int64
+	h := newHandler(discardLogger(), cfg, newTelemetry(), b)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		entered.Add(1)
+		h.ServeHTTP(w, r)
+	}))
+	defer srv.Close()
+	before := heapAlloc()
+	var open []net.Conn
+	defer func() {
+		for _, c := range open {
+			c.Close()
+		}
+	}()
+	for range conns {
+		c, err := net.Dial("tcp", srv.Listener.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		open = append(open, c)
+		fmt.Fprintf(c, "POST /api/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n[", declared)
+	}
+	for deadline := time.Now().Add(10 * time.Second); entered.Load() < conns; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d of %d requests reached the handler", entered.Load(), conns)
+		}
+	}
+	grown := heapAlloc() - before
+	t.Logf("%d slow bodies of %d bytes declared: heap grew by %d KiB", conns, declared, grown>>10)
+	if grown > conns*declared/4 {
+		t.Errorf("heap grew by %d KiB for %d one-byte bodies, want far less than the %d KiB declared", grown>>10, conns, conns*declared>>10)
+	}
 }

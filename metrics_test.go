@@ -438,3 +438,123 @@ func TestFieldNamesAreExact(t *testing.T) {
 		}
 	}
 }
+
+func TestSeries(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		body := `[
+			{"timestamp":"2025-01-01T10:00:05Z","value":1,"type":"cpu"},
+			{"timestamp":"2025-01-01T10:00:59.9Z","value":3,"type":"cpu"},
+			{"timestamp":"2025-01-01T10:02:00Z","value":8,"type":"cpu"}]`
+		if r := post(t, base, body); r.status != 201 {
+			t.Fatalf("post: %d %s", r.status, r.body)
+		}
+		// from rounds down and to up to the step; every step is present,
+		// an empty one with count, average and sum 0 only.
+		r := get(t, base+"/api/metrics/series?metric_type=cpu&from=2025-01-01T10:00:30Z&to=2025-01-01T10:02:01Z&step=1m")
+		want := `{"type":"cpu","from":"2025-01-01T10:00:00Z","to":"2025-01-01T10:03:00Z","step":"1m","points":[` +
+			`{"time":"2025-01-01T10:00:00Z","count":2,"average":2,"sum":4,"min":1,"max":3,"p50":1,"p90":3,"p95":3,"p99":3},` +
+			`{"time":"2025-01-01T10:01:00Z","count":0,"average":0,"sum":0},` +
+			`{"time":"2025-01-01T10:02:00Z","count":1,"average":8,"sum":8,"min":8,"max":8,"p50":8,"p90":8,"p95":8,"p99":8}]}` + "\n"
+		if r.status != 200 || r.body != want {
+			t.Errorf("series = %d %s\nwant %s", r.status, r.body, want)
+		}
+		// A step that 1m does not divide reads seconds, and says so.
+		r = get(t, base+"/api/metrics/series?metric_type=cpu&from=2025-01-01T10:00:00Z&to=2025-01-01T10:01:30Z&step=45")
+		if pts := r.json(t)["points"].([]any); r.status != 200 || len(pts) != 2 || pts[0].(map[string]any)["count"] != 1.0 || pts[1].(map[string]any)["count"] != 1.0 {
+			t.Errorf("45 s steps = %d %s, want two points of one sample each", r.status, r.body)
+		}
+		// Relative bounds count back from the clock; the default is the last hour.
+		e.clock.advance(sampleTime.Add(2*time.Minute + 30*time.Second).Sub(e.clock.now()))
+		r = get(t, base+"/api/metrics/series?metric_type=cpu&from=-3m&step=1m")
+		if got := r.json(t); r.status != 200 || got["from"] != "2025-01-01T09:59:00Z" || got["to"] != "2025-01-01T10:03:00Z" {
+			t.Errorf("from=-3m at 10:02:30 = %d %s, want from 09:59 to 10:03", r.status, r.body)
+		}
+		r = get(t, base+"/api/metrics/series?metric_type=cpu")
+		if got := r.json(t); r.status != 200 || got["from"] != "2025-01-01T09:03:00Z" || got["to"] != "2025-01-01T10:03:00Z" || len(got["points"].([]any)) != 60 {
+			t.Errorf("default series at 10:02:30 = %d %.200s, want the hour to 10:03 in 60 points", r.status, r.body)
+		}
+		for _, c := range []struct{ query, want string }{
+			{"&step=0", "step must be"},
+			{"&step=1.5", "step must be"},
+			{"&step=2500ms", "step must be"},
+			{"&from=2025-01-01T10:00:00.5Z", "from must be a whole second"},
+			{"&from=2025-01-02T00:00:00Z&to=2025-01-01T00:00:00Z", "from must not be after to"},
+			{"&from=2024-01-01T00:00:00Z&to=2025-01-01T00:00:00Z&step=1", "use a step of at least 1h"},
+			{"&from=2025-01-01T00:00:00Z&to=2025-01-08T00:00:00Z&step=10s", "use a step of at least 1m"},
+			{"&from=yesterday", "from "},
+		} {
+			r := get(t, base+"/api/metrics/series?metric_type=cpu"+c.query)
+			if r.status != 422 || !strings.Contains(r.body, c.want) {
+				t.Errorf("series%s = %d %s, want 422 saying %q", c.query, r.status, r.body, c.want)
+			}
+		}
+	})
+}
+
+func TestTypes(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		if r := get(t, base+"/api/metrics/types"); r.status != 200 || r.body != `{"types":[]}`+"\n" {
+			t.Errorf("types of an empty store = %d %s", r.status, r.body)
+		}
+		body := `[{"timestamp":"2025-01-01T10:00:05.5Z","value":1,"type":"mem"},
+			{"timestamp":"2025-01-01T09:00:00Z","value":1,"type":"cpu"},
+			{"timestamp":"2025-01-01T11:00:00Z","value":2,"type":"cpu"}]`
+		if r := post(t, base, body); r.status != 201 {
+			t.Fatalf("post: %d %s", r.status, r.body)
+		}
+		want := `{"types":[{"type":"cpu","count":2,"first":"2025-01-01T09:00:00Z","last":"2025-01-01T11:00:00Z","series":1},` +
+			`{"type":"mem","count":1,"first":"2025-01-01T10:00:05Z","last":"2025-01-01T10:00:05Z","series":1}]}` + "\n"
+		if r := get(t, base+"/api/metrics/types"); r.status != 200 || r.body != want {
+			t.Errorf("types = %d %s, want %s", r.status, r.body, want)
+		}
+		if r := get(t, base+"/api/metrics/types?prefix=me"); !strings.Contains(r.body, `"mem"`) || strings.Contains(r.body, `"cpu"`) {
+			t.Errorf("types?prefix=me = %s, want mem only", r.body)
+		}
+	})
+}
+
+func TestIngestRefusesByTime(t *testing.T) {
+	forEachStore(t, func(c *config) { c.Retention = retention{60, 3600, 86400, 2 * 86400} }, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		now := e.clock.now()
+		before := scrape(t, base)
+		at := func(d time.Duration) string { return now.Add(d).Format(time.RFC3339) }
+		for _, c := range []struct {
+			body, want string
+		}{
+			{metricBody("cpu", now.Add(61*time.Minute), 1), "is more than 1h0m0s ahead of the server's clock"},
+			{`[{"timestamp":"` + at(0) + `","value":1,"type":"cpu"},{"timestamp":"` + at(2*time.Hour) + `","value":1,"type":"cpu"}]`, "item 1: timestamp"},
+		} {
+			if r := post(t, base, c.body); r.status != 422 || !strings.Contains(r.body, c.want) {
+				t.Errorf("post %s = %d %s, want 422 saying %q", c.body, r.status, r.body, c.want)
+			}
+		}
+		// The first sample of a new type anchors it, however old ...
+		if r := post(t, base, metricBody("cpu", now.Add(-30*24*time.Hour), 1)); r.status != 201 {
+			t.Fatalf("an old first sample: %d %s", r.status, r.body)
+		}
+		// ... and a newer one moves the anchor: now that sample is older
+		// than any resolution keeps.
+		if r := post(t, base, metricBody("cpu", now, 1)); r.status != 201 {
+			t.Fatalf("a current sample: %d %s", r.status, r.body)
+		}
+		r := post(t, base, `[{"timestamp":"`+at(0)+`","value":1,"type":"cpu"},{"timestamp":"`+at(-3*24*time.Hour)+`","value":1,"type":"cpu"}]`)
+		if r.status != 422 || !strings.Contains(r.body, "item 1: timestamp") || !strings.Contains(r.body, "older than retention keeps") {
+			t.Errorf("a batch with a sample past every horizon = %d %s, want 422 naming item 1's timestamp", r.status, r.body)
+		}
+		// The month-old sample aged out when the anchor moved to now; of
+		// the refused batch nothing is stored.
+		if n := count(t, e.b, "cpu"); n != 1 {
+			t.Errorf("count after the refusals = %d, want 1", n)
+		}
+		after := scrape(t, base)
+		for reason, want := range map[string]float64{"future": 3, "retention": 2} {
+			series := `ingest_refused_total{reason="` + reason + `"}`
+			if got := after[series] - before[series]; got != want {
+				t.Errorf("%s moved by %v, want %v", series, got, want)
+			}
+		}
+	})
+}

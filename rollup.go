@@ -42,6 +42,14 @@ func (r resolution) seconds() int64 {
 	panic("resolution has no width: " + r.String())
 }
 
+// secondsOr1 is the width, or 1 for resAll, whose one bucket starts at 0.
+func (r resolution) secondsOr1() int64 {
+	if r == resAll {
+		return 1
+	}
+	return r.seconds()
+}
+
 func (r resolution) String() string {
 	switch r {
 	case res1s:

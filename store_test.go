@@ -6,8 +6,11 @@ import (
 	"math"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/gomodule/redigo/redis"
 )
 
 // rawSample is what a brute-force check keeps of each sample it stored.
@@ -275,5 +278,143 @@ func TestRedisLargestBatchIsHonest(t *testing.T) {
 			}
 			t.Logf("add = %v, %v types stored", err, n)
 		})
+	}
+}
+
+// storedBucketExists reports whether e's store holds typ's bucket of r at
+// start, looked up in the store's own structures.
+func storedBucketExists(t *testing.T, e storeEnv, typ string, r resolution, start int64) bool {
+	t.Helper()
+	if e.pool != nil {
+		c := e.pool.Get()
+		defer c.Close()
+		n, err := c.Do("EXISTS", keys{e.prefix}.bucket(typ, r, start))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n == int64(1)
+	}
+	mt := e.b.store.(*memoryStore).lookup(typ)
+	mt.mu.RLock()
+	defer mt.mu.RUnlock()
+	for _, b := range mt.buckets[r] {
+		if b.start == start {
+			return true
+		}
+	}
+	return false
+}
+
+// TestRetentionDropsBuckets: with a fake clock, a bucket goes once the
+// anchor passes its end plus its horizon (memory: by the background
+// sweep; Redis: by the next ingest that moves the anchor), coarser ones
+// stay, and a window that would need the dropped detail is refused.
+func TestRetentionDropsBuckets(t *testing.T) {
+	forEachStore(t, func(c *config) { c.Retention = retention{60, 3600, 86400, 0} }, func(t *testing.T, e storeEnv) {
+		ctx := context.Background()
+		t0 := e.clock.now().Unix()
+		if err := storeAdd(e.b, sample{typ: "cpu", at: t0 * 1_000_000, value: 1}); err != nil {
+			t.Fatal(err)
+		}
+		e.clock.advance(2 * time.Minute)
+		if err := storeAdd(e.b, sample{typ: "cpu", at: e.clock.now().UnixMicro(), value: 2}); err != nil {
+			t.Fatal(err)
+		}
+		if e.b.sweep != nil {
+			e.b.sweep(e.clock.now())
+		}
+		for _, c := range []struct {
+			r    resolution
+			want bool
+		}{{res1s, false}, {res1m, true}, {res1h, true}, {res1d, true}} {
+			if got := storedBucketExists(t, e, "cpu", c.r, floorTo(t0, c.r.seconds())); got != c.want {
+				t.Errorf("bucket %s of the first sample exists = %v, want %v", c.r, got, c.want)
+			}
+		}
+		from, to := t0+1, e.clock.now().Unix()+1
+		if _, _, err := e.b.reader.window(ctx, "cpu", &from, &to); err == nil || !strings.Contains(err.Error(), "kept per minute") {
+			t.Errorf("a window from a second whose detail aged out = %v, want 422 saying it is kept per minute", err)
+		}
+		from = floorTo(t0, 60)
+		if v, _, err := summarize(e.b, "cpu", window{from, to}); err != nil || v.Count != 2 {
+			t.Errorf("the minute-aligned window = %+v, %v; want both samples", v, err)
+		}
+	})
+}
+
+// TestRedisBucketsPastTheNewestExpireByThemselves: when the type's newest
+// sample is ahead of the clock, a bucket whose horizon that sample has
+// passed goes on the clock alone, so Redis expires it: PTTL is the
+// bucket's end plus the horizon, less now.
+func TestRedisBucketsPastTheNewestExpireByThemselves(t *testing.T) {
+	e := redisStoreEnv(t, func(c *config) { c.Retention = retention{60, 3600, 86400, 0} })
+	now := e.clock.now()
+	if err := storeAdd(e.b, sample{typ: "cpu", at: now.Add(30 * time.Minute).UnixMicro(), value: 1},
+		sample{typ: "cpu", at: now.UnixMicro(), value: 1}); err != nil {
+		t.Fatal(err)
+	}
+	c := e.pool.Get()
+	defer c.Close()
+	k := keys{e.prefix}
+	for _, x := range []struct {
+		r    resolution
+		want time.Duration // end + horizon - now; 0: no expiry
+	}{{res1s, 61 * time.Second}, {res1m, 0}} {
+		start := floorTo(now.Unix(), x.r.seconds())
+		pttl, err := redis.Int64(c.Do("PTTL", k.bucket("cpu", x.r, start)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := x.want.Milliseconds() - (now.UnixMilli() - start*1000)
+		if x.want == 0 {
+			want = -1
+		}
+		if pttl < want-1000 || pttl > want+1000 || x.want == 0 && pttl != -1 {
+			t.Errorf("PTTL of the %s bucket = %d ms, want %d within 1 s", x.r, pttl, want)
+		}
+	}
+}
+
+// TestBinsBoundedAlikeInBothStores drives one bucket past the sketch's
+// bound with values over 300 orders of magnitude, in many ingests of
+// both signs, and checks that Redis (whose script applies the bound) and
+// the memory store (sketch.go) keep the same bins: their answers agree to
+// the bit, and no Redis bucket holds more than the bound.
+func TestBinsBoundedAlikeInBothStores(t *testing.T) {
+	needRedis(t)
+	cfg := testConfig(t)
+	clock := newFakeClock(storeEpoch)
+	mem := newMemoryBackend(cfg, clock.now)
+	prefix := testPrefix()
+	pool := testPool(t, cfg, prefix)
+	rb := newRedisBackend(pool, prefix, cfg, clock.now)
+	rng := rand.New(rand.NewPCG(5, 6))
+	at := sampleTime.UnixMicro()
+	for range 40 {
+		var batch []sample
+		for range 1 + rng.IntN(300) {
+			v := math.Pow(10, rng.Float64()*300-150)
+			if rng.IntN(3) == 0 {
+				v = -v
+			}
+			batch = append(batch, sample{typ: "wide", at: at, value: v})
+		}
+		addSamples(t, mem.store, cfg.Retention, batch, clock.now())
+		addSamples(t, rb.store, cfg.Retention, batch, clock.now())
+	}
+	for _, w := range []window{allTime, {sampleTime.Unix(), sampleTime.Unix() + 1}, {floorTo(sampleTime.Unix(), 3600), sampleTime.Unix() + 3600}} {
+		m, _, err1 := summarize(mem, "wide", w)
+		r, _, err2 := summarize(rb, "wide", w)
+		if err1 != nil || err2 != nil || !sameValues(m, r) {
+			t.Fatalf("window %v: memory %+v (%v) and redis %+v (%v) differ", w, m, err1, r, err2)
+		}
+	}
+	c := pool.Get()
+	defer c.Close()
+	for _, r := range []resolution{res1s, res1m, resAll} {
+		n, err := redis.Int(c.Do("HLEN", keys{prefix}.bucket("wide", r, floorTo(sampleTime.Unix(), r.secondsOr1()))))
+		if err != nil || n > 2*maxBinsPerSign+1 {
+			t.Errorf("bucket %s holds %d fields (%v), want at most the bound %d per sign plus the stats", r, n, err, maxBinsPerSign)
+		}
 	}
 }
