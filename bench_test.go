@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"io"
+	"math"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -14,6 +16,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/gomodule/redigo/redis"
 )
 
 // The HTTP benchmarks drive the built service binary and a bare net/http
@@ -59,6 +63,15 @@ request = function()
   return wrk.format("GET", "/api/metrics/summary?metric_type=" .. t)
 end`},
 	{name: "health", path: "/health"},
+	{name: "batch-10000-one-type", path: "/api/metrics", samples: 10000, script: `
+local items = {}
+for i = 1, 10000 do
+  items[i] = '{"timestamp":"2025-01-01T10:00:' .. string.format("%02d.%04d", i % 60, i) .. 'Z","value":' .. (i % 500) / 4 .. ',"type":"cpu"}'
+end
+local body = "[" .. table.concat(items, ",") .. "]"
+request = function()
+  return wrk.format("POST", "/api/metrics", {["Content-Type"] = "application/json"}, body)
+end`},
 	{name: "batch-1000", path: "/api/metrics", samples: 1000, script: wrkTypes + `
 local items = {}
 for i = 1, 1000 do
@@ -176,6 +189,114 @@ func BenchmarkWindowedSummary(b *testing.B) {
 	})
 }
 
+// BenchmarkMemoryBound stores BENCH_SAMPLES (default 20 million) samples
+// over 16 types, all within one simulated hour, through the built binary,
+// then as many again within the same hour, and reports the memory each
+// store holds after each round: the service's RSS with STORE=memory, Redis's
+// used_memory with STORE=redis. Bucketed storage should hold about the
+// same after the second round as after the first. The values are
+// latency-like (log-normal around 20, to 0.1), so a second bucket holds a
+// few dozen sketch bins.
+//
+//	go test -run '^$' -bench MemoryBound -benchtime=1x
+func BenchmarkMemoryBound(b *testing.B) {
+	total := 20_000_000
+	if n, err := strconv.Atoi(os.Getenv("BENCH_SAMPLES")); err == nil && n > 0 {
+		total = n
+	}
+	bin := buildService(b)
+	for _, store := range []string{"memory", "redis"} {
+		b.Run(store, func(b *testing.B) {
+			env := map[string]string{"STORE": store, "RATE_LIMIT": "1000000000", "LOG_LEVEL": "warn"}
+			var rc redis.Conn
+			if store == "redis" {
+				srv := startRedis(b)
+				env["REDIS_URL"] = "redis://" + srv.addr + "/0"
+				c, err := redis.Dial("tcp", srv.addr)
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer c.Close()
+				rc = c
+			}
+			svc := startService(b, bin, env)
+			held := func() float64 {
+				if rc == nil {
+					return svc.rssMiB(b)
+				}
+				info, err := redis.String(rc.Do("INFO", "memory"))
+				if err != nil {
+					b.Fatal(err)
+				}
+				m := regexp.MustCompile(`used_memory:(\d+)`).FindStringSubmatch(info)
+				n, _ := strconv.ParseFloat(m[1], 64)
+				return n / (1 << 20)
+			}
+			start := time.Now()
+			postHour(b, svc.base, total, 1)
+			first := held()
+			rate := float64(total) / time.Since(start).Seconds()
+			postHour(b, svc.base, total, 2)
+			second := held()
+			b.ReportMetric(first, "MiB-after-first")
+			b.ReportMetric(second, "MiB-after-second")
+			b.ReportMetric(100*(second-first)/first, "growth-%")
+			b.ReportMetric(rate, "samples/s")
+		})
+	}
+}
+
+// postHour posts n samples over 16 types spread evenly over one hour, in
+// batches of 10,000 in time order (as an agent flushes what it gathered),
+// from two clients at once. A 503 is retried: it stored nothing.
+func postHour(b *testing.B, base string, n int, seed uint64) {
+	const batch = 10_000
+	hour := time.Date(2025, 1, 1, 10, 0, 0, 0, time.UTC)
+	var wg sync.WaitGroup
+	errs := make(chan error, 2)
+	for w := range 2 {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(seed, uint64(w)))
+			client := &http.Client{Timeout: 30 * time.Second}
+			var body strings.Builder
+			for i := w * batch; i < n; i += 2 * batch {
+				body.Reset()
+				body.WriteByte('[')
+				for j := range batch {
+					if j > 0 {
+						body.WriteByte(',')
+					}
+					at := hour.Add(time.Duration(int64(i+j) * int64(time.Hour) / int64(n)))
+					v := math.Round(math.Exp(3+0.5*rng.NormFloat64())*10) / 10
+					fmt.Fprintf(&body, `{"timestamp":"%s","value":%g,"type":"type%d"}`, at.Format(time.RFC3339Nano), v, rng.IntN(16))
+				}
+				body.WriteByte(']')
+				for try := 0; ; try++ {
+					res, err := client.Post(base+"/api/metrics", "application/json", strings.NewReader(body.String()))
+					if err != nil {
+						errs <- err
+						return
+					}
+					io.Copy(io.Discard, res.Body)
+					res.Body.Close()
+					if res.StatusCode == 201 {
+						break
+					}
+					if res.StatusCode != 503 || try == 5 {
+						errs <- fmt.Errorf("POST = %d", res.StatusCode)
+						return
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		b.Fatal(err)
+	}
+}
+
 var (
 	buildOnce sync.Once
 	builtBin  string
@@ -243,12 +364,17 @@ func startService(b *testing.B, bin string, env map[string]string) service {
 }
 
 // peakMiB is the service's peak resident memory so far (VmHWM).
-func (s service) peakMiB(b *testing.B) float64 {
+func (s service) peakMiB(b *testing.B) float64 { return s.statusMiB("VmHWM") }
+
+// rssMiB is the service's resident memory now.
+func (s service) rssMiB(b *testing.B) float64 { return s.statusMiB("VmRSS") }
+
+func (s service) statusMiB(field string) float64 {
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", s.pid))
 	if err != nil {
 		return 0
 	}
-	m := regexp.MustCompile(`VmHWM:\s+(\d+) kB`).FindSubmatch(status)
+	m := regexp.MustCompile(field + `:\s+(\d+) kB`).FindSubmatch(status)
 	if m == nil {
 		return 0
 	}

@@ -52,7 +52,7 @@ type cacheEntry struct {
 // maxCachedBytes bounds one cached answer, so the cache's size is bounded
 // by CACHE_MAX_ENTRIES times this. A larger answer (a series of thousands
 // of points) is computed every time.
-const maxCachedBytes = 64 << 10
+const maxCachedBytes = 128 << 10
 
 // sized is an answer that knows about how many bytes it takes; answers
 // that do not are small.

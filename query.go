@@ -92,7 +92,7 @@ func (q *reader) window(ctx context.Context, typ string, from, to *int64) (aggre
 				return acc, 0, err
 			}
 			version = m.version
-			lo = max(lo, floorTo(floorDiv(m.first, 1_000_000), res1d.seconds()))
+			lo = max(lo, floorTo(floorDiv(m.first, 1_000_000), res1d.seconds()), q.horizon.firstKept(res1d, m.anchor(q.now().UnixMicro())))
 			hi = min(hi, ceilTo(floorDiv(m.newest, 1_000_000)+1, res1d.seconds()))
 			spans = planWindow(lo, hi)
 		}

@@ -95,38 +95,45 @@ func aggregate(samples []sample, h retention) []typeBatch {
 	return out
 }
 
-type bucketKey struct {
-	res   resolution
-	start int64
-}
-
-type deltaBuilder struct {
-	bucketDelta
-	counts map[int32]uint64
-}
-
+// aggregateType sums one type's samples (idx into samples) into buckets.
+// It walks the samples in time order (sorting them only when they came out
+// of order), so each resolution's buckets are runs; within a bucket, bins
+// are counted in an array indexed by code, with the codes it touched noted
+// so that emptying it costs what was put in.
 func aggregateType(samples []sample, idx []int, h retention) typeBatch {
 	first := samples[idx[0]]
 	b := typeBatch{typ: first.typ, samples: len(idx), first: first.at, newest: first.at}
-	builders := map[bucketKey]*deltaBuilder{}
-	touch := func(k bucketKey) *deltaBuilder {
-		d := builders[k]
-		if d == nil {
-			d = &deltaBuilder{bucketDelta: bucketDelta{res: k.res, start: k.start}, counts: map[int32]uint64{}}
-			builders[k] = d
-		}
-		return d
-	}
-	// Consecutive samples usually share their buckets: remember the last
-	// ones and skip the map lookups.
-	var last [numRes]*deltaBuilder
-	var all *deltaBuilder
-	if h.forever() {
-		all = touch(bucketKey{resAll, 0})
-	}
-	for _, i := range idx {
+	codes := make([]int32, len(idx))
+	loCode, hiCode := int32(math.MaxInt32), int32(math.MinInt32)
+	sorted := true
+	for k, i := range idx {
 		s := samples[i]
 		b.first, b.newest = min(b.first, s.at), max(b.newest, s.at)
+		if s.value != 0 {
+			codes[k] = codeOf(s.value)
+			loCode, hiCode = min(loCode, codes[k]), max(hiCode, codes[k])
+		}
+		if k > 0 && s.second() < samples[idx[k-1]].second() {
+			sorted = false
+		}
+	}
+	order := secondOrder(samples, idx, sorted, floorDiv(b.first, 1_000_000), floorDiv(b.newest, 1_000_000))
+	levels := []resolution{res1s, res1m, res1h, res1d}
+	if h.forever() {
+		levels = append(levels, resAll)
+	}
+	widths := make([]int64, len(levels))
+	for l, r := range levels {
+		widths[l] = r.secondsOr1()
+	}
+	builders := make([]binCounter, len(levels))
+	for l := range builders {
+		builders[l] = newBinCounter(loCode, hiCode, len(idx))
+	}
+	current := make([]bucketDelta, len(levels))
+	started := make([]bool, len(levels))
+	for _, k := range order {
+		s := samples[idx[k]]
 		sec := s.second()
 		if !h.forever() {
 			until := int64(0)
@@ -137,35 +144,28 @@ func aggregateType(samples []sample, idx []int, h retention) typeBatch {
 				b.keepUntil = until
 			}
 		}
-		code, zero := int32(0), s.value == 0
-		if !zero {
-			code = codeOf(s.value)
-		}
-		for r := res1s; r < numRes; r++ {
-			start := floorTo(sec, r.seconds())
-			d := last[r]
-			if d == nil || d.start != start {
-				d = touch(bucketKey{r, start})
-				last[r] = d
+		for l, r := range levels {
+			d := &current[l]
+			if !started[l] || r != resAll && (sec < d.start || sec >= d.start+widths[l]) {
+				if started[l] {
+					b.deltas = append(b.deltas, builders[l].finish(*d))
+				}
+				start := int64(0)
+				if r != resAll {
+					start = floorTo(sec, widths[l])
+				}
+				*d, started[l] = bucketDelta{res: r, start: start}, true
 			}
-			d.add(s.value, code, zero)
-		}
-		if all != nil {
-			all.add(s.value, code, zero)
+			d.stats.add(s.value)
+			if s.value == 0 {
+				d.zero++
+			} else {
+				builders[l].add(codes[k])
+			}
 		}
 	}
-	b.deltas = make([]bucketDelta, 0, len(builders))
-	for _, d := range builders {
-		d.bins = make([]binCount, 0, len(d.counts))
-		for code, n := range d.counts {
-			d.bins = append(d.bins, binCount{code, n})
-		}
-		slices.SortFunc(d.bins, func(a, b binCount) int { return cmp.Compare(a.code, b.code) })
-		// Bounding the delta as a bucket is bounded changes nothing in the
-		// result (the bound depends only on the bins' union) and keeps
-		// what is sent to the store small.
-		d.bins = boundBins(d.bins, maxBinsPerSign)
-		b.deltas = append(b.deltas, d.bucketDelta)
+	for l := range levels {
+		b.deltas = append(b.deltas, builders[l].finish(current[l]))
 	}
 	slices.SortFunc(b.deltas, func(x, y bucketDelta) int {
 		return cmp.Or(cmp.Compare(x.res, y.res), cmp.Compare(x.start, y.start))
@@ -173,13 +173,88 @@ func aggregateType(samples []sample, idx []int, h retention) typeBatch {
 	return b
 }
 
-func (d *deltaBuilder) add(v float64, code int32, zero bool) {
-	d.stats.add(v)
-	if zero {
-		d.zero++
-	} else {
-		d.counts[code]++
+// secondOrder is the positions in idx in order of their samples' second,
+// keeping the given order within a second: by counting when the seconds
+// span little more than the samples, by sorting otherwise.
+func secondOrder(samples []sample, idx []int, sorted bool, lo, hi int64) []int {
+	order := make([]int, len(idx))
+	if sorted {
+		for k := range order {
+			order[k] = k
+		}
+		return order
 	}
+	if hi-lo < 4*int64(len(idx))+1024 {
+		starts := make([]int, hi-lo+2)
+		for _, i := range idx {
+			starts[samples[i].second()-lo+1]++
+		}
+		for j := 1; j < len(starts); j++ {
+			starts[j] += starts[j-1]
+		}
+		for k, i := range idx {
+			j := samples[i].second() - lo
+			order[starts[j]] = k
+			starts[j]++
+		}
+		return order
+	}
+	for k := range order {
+		order[k] = k
+	}
+	slices.SortStableFunc(order, func(x, y int) int { return cmp.Compare(samples[idx[x]].second(), samples[idx[y]].second()) })
+	return order
+}
+
+// binCounter counts bin codes for one bucket at a time: in an array over
+// the batch's range of codes when that is small next to the samples, in a
+// map otherwise.
+type binCounter struct {
+	lo      int32
+	dense   []uint64
+	touched []int32
+	sparse  map[int32]uint64
+}
+
+func newBinCounter(lo, hi int32, samples int) binCounter {
+	if hi >= lo && int64(hi)-int64(lo) < min(1<<16, 4*int64(samples)+64) {
+		return binCounter{lo: lo, dense: make([]uint64, int(hi-lo)+1)}
+	}
+	return binCounter{sparse: map[int32]uint64{}}
+}
+
+func (c *binCounter) add(code int32) {
+	if c.sparse != nil {
+		c.sparse[code]++
+		return
+	}
+	if c.dense[code-c.lo] == 0 {
+		c.touched = append(c.touched, code)
+	}
+	c.dense[code-c.lo]++
+}
+
+// finish gives d the bins counted since the last finish, sorted and
+// bounded as a bucket's bins are (which changes nothing in the result: the
+// bound depends only on the bins' union), and starts counting afresh.
+func (c *binCounter) finish(d bucketDelta) bucketDelta {
+	if c.sparse != nil {
+		for code, n := range c.sparse {
+			d.bins = append(d.bins, binCount{code, n})
+		}
+		clear(c.sparse)
+		slices.SortFunc(d.bins, func(a, b binCount) int { return cmp.Compare(a.code, b.code) })
+	} else {
+		slices.Sort(c.touched)
+		d.bins = make([]binCount, len(c.touched))
+		for i, code := range c.touched {
+			d.bins[i] = binCount{code, c.dense[code-c.lo]}
+			c.dense[code-c.lo] = 0
+		}
+		c.touched = c.touched[:0]
+	}
+	d.bins = boundBins(d.bins, maxBinsPerSign)
+	return d
 }
 
 // tooManyTypesError refuses an ingest that would create a metric type

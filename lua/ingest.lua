@@ -34,10 +34,11 @@ local function opt(s) if s == 'x' then return nil end return tonumber(s) end
 local function int(x) return string.format('%d', x) end
 local function num(x) return string.format('%.17g', x) end
 
-local function split(s)
-  local f = {}
-  for w in string.gmatch(s, '%S+') do f[#f + 1] = w end
-  return f
+-- stats reads field a: count sum min max zeros plo ptop nlo ntop.
+local function stats(s)
+  local c, sum, mn, mx, z, pl, pt, nl, nt =
+    string.match(s, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$')
+  return tonumber(c), tonumber(sum), tonumber(mn), tonumber(mx), tonumber(z), {opt(pl), opt(nl)}, {opt(pt), opt(nt)}
 end
 
 -- Read phase.
@@ -61,21 +62,22 @@ for i = 1, ntypes do
   local firstKey = k + 1
   k = k + 1
   for j = 1, nb do
-    local st = split(ARGV[a + 3])
-    local b = {key = KEYS[k], ix = tonumber(ARGV[a]), start = tonumber(ARGV[a + 1]),
-      expiry = tonumber(ARGV[a + 2]), stats = ARGV[a + 3], count = tonumber(st[1]), sum = tonumber(st[2]),
-      min = tonumber(st[3]), max = tonumber(st[4]), zero = tonumber(st[5]),
-      lo = {opt(st[6]), opt(st[8])}, top = {opt(st[7]), opt(st[9])},
-      nbins = tonumber(ARGV[a + 4]), at = a + 5}
-    a = a + 5 + 2 * b.nbins
-    ty.buckets[j] = b
+    -- A bucket's arguments are read where they are used; here only where
+    -- they start.
+    local nbins = tonumber(ARGV[a + 4])
+    ty.buckets[j] = {key = KEYS[k], at = a, expiry = tonumber(ARGV[a + 2])}
+    a = a + 5 + 2 * nbins
     k = k + 1
   end
   for j = 1, nidx do ty.idxKeys[j] = KEYS[k]; k = k + 1 end
   -- A new type's keys are usually all absent, which one EXISTS shows;
   -- otherwise each is read, which also fails here on a key of the wrong
   -- type rather than halfway through the writes.
-  if ty.version > 0 or redis.call('EXISTS', unpack(KEYS, firstKey, k - 1)) > 0 then
+  local present = ty.version > 0
+  for j = firstKey, k - 1, 1000 do
+    present = present or redis.call('EXISTS', unpack(KEYS, j, math.min(j + 999, k - 1))) > 0
+  end
+  if present then
     for _, b in ipairs(ty.buckets) do b.cur = redis.call('HGET', b.key, 'a') end
     for _, key in ipairs(ty.idxKeys) do redis.call('ZCARD', key) end
   end
@@ -135,55 +137,78 @@ local function fold(key, s, lo, hi, floor)
   return moved
 end
 
+local function field(v) if v == nil then return 'x' end return int(v) end
+
 local function apply(ty, b)
-  local c, sum, mn, mx, zero = b.count, b.sum, b.min, b.max, b.zero
-  local lo, top = {b.lo[1], b.lo[2]}, {b.top[1], b.top[2]}
+  local at = b.at
+  b.ix, b.start = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  local nbins = tonumber(ARGV[at + 4])
+  local first, last = at + 5, at + 4 + 2 * nbins
   if not b.cur then
     -- A new bucket is written as the service sent it, in one HSET when
     -- its bins allow.
-    local last = b.at + 2 * b.nbins - 1
-    redis.call('HSET', b.key, 'a', b.stats, unpack(ARGV, b.at, math.min(last, b.at + 1997)))
-    for j = b.at + 1998, last, 2000 do
+    redis.call('HSET', b.key, 'a', ARGV[at + 3], unpack(ARGV, first, math.min(last, first + 1997)))
+    for j = first + 1998, last, 2000 do
       redis.call('HSET', b.key, unpack(ARGV, j, math.min(j + 1999, last)))
     end
   else
-    local f = split(b.cur)
-    c, sum = c + tonumber(f[1]), tonumber(f[2]) + sum
-    mn, mx = math.min(tonumber(f[3]), mn), math.max(tonumber(f[4]), mx)
-    zero = zero + tonumber(f[5])
-    local oldLo, oldTop = {opt(f[6]), opt(f[8])}, {opt(f[7]), opt(f[9])}
+    local c, sum, mn, mx, zero, lo, top = stats(ARGV[at + 3])
+    local c0, sum0, mn0, mx0, zero0, oldLo, oldTop = stats(b.cur)
+    c, sum, mn, mx, zero = c + c0, sum0 + sum, math.min(mn0, mn), math.max(mx0, mx), zero + zero0
     local floor = {}
-    for s = 0, 1 do
-      local i = s + 1
-      if b.top[i] == nil then
+    for i = 1, 2 do
+      local s = i - 1
+      if top[i] == nil then
         lo[i], top[i] = oldLo[i], oldTop[i]
         if oldTop[i] ~= nil then floor[i] = oldTop[i] - maxBins + 1 end
       else
-        top[i] = math.max(oldTop[i] or b.top[i], b.top[i])
+        local dLo = lo[i]
+        top[i] = math.max(oldTop[i] or top[i], top[i])
         floor[i] = top[i] - maxBins + 1
         if oldLo[i] ~= nil and oldLo[i] < floor[i] then
           local moved = fold(b.key, s, oldLo[i], math.min(floor[i] - 1, oldTop[i]), floor[i])
           if moved > 0 then redis.call('HINCRBY', b.key, int(2 * floor[i] + s), moved) end
         end
-        lo[i] = math.max(math.min(oldLo[i] or b.lo[i], b.lo[i]), floor[i])
+        lo[i] = math.max(math.min(oldLo[i] or dLo, dLo), floor[i])
       end
     end
-    local folded = {0, 0}
-    for j = b.at, b.at + 2 * b.nbins - 1, 2 do
+    -- The delta's bins, those below the floor folded into it, are added
+    -- with one HMGET and one HSET rather than a command per bin. Only a
+    -- fold can make two of them name the same bin.
+    local names, adds = {}, {}
+    local folds = false
+    for j = first, last, 2 do
       local code = tonumber(ARGV[j])
       local s = code % 2
       if (code - s) / 2 < floor[s + 1] then
-        folded[s + 1] = folded[s + 1] + tonumber(ARGV[j + 1])
+        folds = true
+        names[#names + 1], adds[#adds + 1] = int(2 * floor[s + 1] + s), tonumber(ARGV[j + 1])
       else
-        redis.call('HINCRBY', b.key, ARGV[j], ARGV[j + 1])
+        names[#names + 1], adds[#adds + 1] = ARGV[j], tonumber(ARGV[j + 1])
       end
     end
-    for s = 0, 1 do
-      if folded[s + 1] > 0 then redis.call('HINCRBY', b.key, int(2 * floor[s + 1] + s), folded[s + 1]) end
+    if folds then
+      local pos, n2, a2 = {}, {}, {}
+      for i, name in ipairs(names) do
+        local p = pos[name]
+        if p then a2[p] = a2[p] + adds[i] else n2[#n2 + 1], a2[#a2 + 1] = name, adds[i]; pos[name] = #n2 end
+      end
+      names, adds = n2, a2
     end
-    local function field(v) if v == nil then return 'x' end return int(v) end
-    redis.call('HSET', b.key, 'a', table.concat({int(c), num(sum), num(mn), num(mx), int(zero),
-      field(lo[1]), field(top[1]), field(lo[2]), field(top[2])}, ' '))
+    local set = {'a', table.concat({int(c), num(sum), num(mn), num(mx), int(zero),
+      field(lo[1]), field(top[1]), field(lo[2]), field(top[2])}, ' ')}
+    for j = 1, #names, 1000 do
+      local old = redis.call('HMGET', b.key, unpack(names, j, math.min(j + 999, #names)))
+      for i = 1, #old do
+        set[#set + 1] = names[j + i - 1]
+        -- A count is passed as a Lua number: Redis writes it with 14
+        -- significant digits, exact for any count below 10^14.
+        set[#set + 1] = (tonumber(old[i]) or 0) + adds[j + i - 1]
+      end
+    end
+    for j = 1, #set, 2000 do
+      redis.call('HSET', b.key, unpack(set, j, math.min(j + 1999, #set)))
+    end
   end
   if b.ix > 0 then
     if not b.cur then
