@@ -19,6 +19,11 @@ func startUpkeep(ctx context.Context, cfg config, b backend) (stop func()) {
 	if b.sweep != nil {
 		wg.Go(func() { every(ctx, min(sweepEvery, limiterSweepEvery(cfg.RateWindow)), b.now, b.sweep) })
 	}
+	if b.compact != nil {
+		// A failure (Redis down) is counted in store_errors_total and
+		// tried again on the next tick.
+		wg.Go(func() { every(ctx, compactEvery, b.now, func(time.Time) { b.compact(ctx) }) })
+	}
 	return func() {
 		cancel()
 		wg.Wait()
@@ -28,6 +33,11 @@ func startUpkeep(ctx context.Context, cfg config, b backend) (stop func()) {
 // sweepEvery is how often the memory store and cache drop what retention
 // and CACHE_TTL no longer keep.
 const sweepEvery = time.Second
+
+// compactEvery is how often each instance looks for Redis buckets to
+// compact; between two looks an ingest-heavy bucket grows by what ingests
+// append in that time.
+const compactEvery = 100 * time.Millisecond
 
 // every calls fn(now()) every d until ctx is done, and returns then. The
 // ticker is its only wait: a call that takes longer than d delays the next

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -241,13 +240,15 @@ func TestAcknowledgedWritesSurviveRedisRestart(t *testing.T) {
 	stored := map[int]int{}
 	total := 0
 	for _, name := range names {
-		a, err := redis.String(c.Do("HGET", name, "a"))
+		raw, err := redis.Bytes(c.Do("GET", name))
 		if err != nil {
 			t.Fatal(err)
 		}
-		f := strings.Fields(a)
-		n, _ := strconv.Atoi(f[0])
-		v, _ := strconv.ParseFloat(f[1], 64) // the sum: the one sample's value
+		b, err := parseBucket(raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, v := int(b.count), b.sum // the sum: the one sample's value
 		stored[int(v)] += n
 		total += n
 	}

@@ -16,7 +16,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -335,16 +334,16 @@ func count(t testing.TB, b backend, typ string) int64 {
 // from the type's running total, independently of the store's code.
 func redisCount(t testing.TB, c redis.Conn, prefix, typ string) int {
 	t.Helper()
-	a, err := redis.String(c.Do("HGET", keys{prefix}.bucket(typ, resAll, 0), "a"))
+	v, err := redis.Bytes(c.Do("GET", keys{prefix}.bucket(typ, resAll, 0)))
 	if err == redis.ErrNil {
 		return 0
 	}
 	if err != nil {
 		t.Fatalf("reading %s's total: %v", typ, err)
 	}
-	n, err := strconv.Atoi(strings.Fields(a)[0])
+	b, err := parseBucket(v)
 	if err != nil {
-		t.Fatalf("%s's total %q: %v", typ, a, err)
+		t.Fatalf("%s's total: %v", typ, err)
 	}
-	return n
+	return int(b.count)
 }

@@ -8,19 +8,21 @@ import "strconv"
 // of a type and a read of it stay on one Redis Cluster slot.
 //
 //	types                  set: the type names, for MAX_TYPES
+//	compact                set: the types with buckets to compact
 //	{T}:m                  hash: the type's version (v, bumped by every
 //	                       ingest of it), first (f) and newest (n) sample
 //	                       in Unix microseconds
-//	{T}:b:<res>:<start>    hash: one bucket (res 1s, 1m, 1h or 1d; start
-//	                       in Unix seconds). Field a is "count sum min max
-//	                       zero plo ptop nlo ntop" (the lowest and highest
-//	                       bin index of each sign, x for none); every other
-//	                       field is a bin code and its count. One key per
-//	                       bucket keeps each hash small enough for Redis's
-//	                       compact listpack encoding, and lets a bucket
+//	{T}:b:<res>:<start>    string: one bucket (res 1s, 1m, 1h or 1d; start
+//	                       in Unix seconds): an 8-byte header, then records
+//	                       of what ingests added (count, sum, min, max,
+//	                       zeros, bins; see bucketRecord), appended as they
+//	                       come and merged in the background. A string per
+//	                       bucket costs a few bytes a bin and lets a bucket
 //	                       expire whole.
-//	{T}:b:all              hash: the running total of every sample, in the
-//	                       same form, when days are kept forever
+//	{T}:b:all              string: the running total of every sample, in
+//	                       the same form, when days are kept forever
+//	{T}:z                  set: the type's buckets that have grown past
+//	                       twice their size at their last compaction
 //	{T}:i:<res>            sorted set: the chunks (a minute of seconds, an
 //	                       hour of minutes, ...) that hold buckets of res,
 //	                       by start, so retention finds what to delete
@@ -33,6 +35,10 @@ import "strconv"
 type keys struct{ prefix string }
 
 func (k keys) types() string { return k.prefix + "types" }
+
+func (k keys) compactTypes() string { return k.prefix + "compact" }
+
+func (k keys) compactBuckets(typ string) string { return k.tag(typ) + "z" }
 
 func (k keys) tag(typ string) string { return k.prefix + "{" + typ + "}:" }
 

@@ -114,6 +114,9 @@ type backend struct {
 	// limiter; run calls it in the background. Nil for Redis, whose keys
 	// expire by themselves.
 	sweep func(time.Time)
+	// compact merges the records of grown Redis buckets; run calls it in
+	// the background. Nil for memory.
+	compact func(context.Context) error
 }
 
 // openBackend builds the configured backend and returns the function that
@@ -162,6 +165,7 @@ func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time
 		limiter: newRedisLimiter(pool, prefix, cfg.RateLimit, cfg.RateWindow),
 		ping:    pool.ping,
 		now:     now,
+		compact: s.compact,
 	}
 }
 

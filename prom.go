@@ -28,7 +28,7 @@ type telemetry struct {
 }
 
 // storeOps are the store operations whose failures are counted.
-var storeOps = []string{"ingest", "read", "cache_get", "cache_put", "ratelimit", "ping"}
+var storeOps = []string{"ingest", "read", "compact", "cache_get", "cache_put", "ratelimit", "ping"}
 
 // refusalReasons are why samples are refused for a limit.
 var refusalReasons = []string{"max_types", "max_series", "retention", "future"}

@@ -4,8 +4,10 @@ import (
 	"cmp"
 	"context"
 	_ "embed"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"sort"
 	"strconv"
@@ -333,7 +335,7 @@ func (s *redisStore) indexed() []resolution {
 func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time) error {
 	idx := s.indexed()
 	ix := map[resolution]int{}
-	keys := []string{s.keys.types()}
+	keys := []string{s.keys.types(), s.keys.compactTypes()}
 	args := []any{0, now.UnixMicro(), s.maxTypes, maxBinsPerSign, len(batches), len(idx)}
 	for i, r := range idx {
 		ix[r] = i + 1
@@ -347,14 +349,12 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 		}
 		for _, d := range b.deltas {
 			keys = append(keys, s.keys.bucket(b.typ, d.res, d.start))
-			args = append(args, ix[d.res], d.start, s.horizon.expiry(d.res, d.start), formatStats(d), len(d.bins))
-			for _, bc := range d.bins {
-				args = append(args, bc.code, bc.n)
-			}
+			args = append(args, ix[d.res], d.start, s.horizon.expiry(d.res, d.start), bucketRecord(d))
 		}
 		for _, r := range idx {
 			keys = append(keys, s.keys.index(b.typ, r))
 		}
+		keys = append(keys, s.keys.compactBuckets(b.typ))
 	}
 	start := time.Now()
 	fence := start.Add(s.pool.timeout / 2)
@@ -384,25 +384,85 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 	return err
 }
 
-// formatStats writes a delta as a bucket's field a holds its stats:
-// "count sum min max zeros plo ptop nlo ntop", the lowest and highest bin
-// index of each sign ("x" for none), which the script needs to apply the
-// bins' bound.
-func formatStats(d bucketDelta) string {
-	lo, top := [2]string{"x", "x"}, [2]string{"x", "x"}
-	for _, bc := range d.bins {
-		i, neg := splitCode(bc.code)
-		s := 0
-		if neg {
-			s = 1
-		}
-		if lo[s] == "x" {
-			lo[s] = strconv.Itoa(int(i))
-		}
-		top[s] = strconv.Itoa(int(i))
+// bucketRecord is what an ingest adds to a bucket, as the script appends
+// it to the bucket's string: the count (uvarint), the sum, min and max
+// (little-endian float64, exact), the zeros (uvarint), the number of bins
+// and the bins in the packed form of sketch.go (each code less the
+// previous one, from 0, as a zigzag varint; the count as a uvarint).
+// Records can follow each other and be read one after the other.
+func bucketRecord(d bucketDelta) []byte {
+	out := binary.AppendUvarint(nil, uint64(d.count))
+	for _, f := range []float64{d.sum, d.min, d.max} {
+		out = binary.LittleEndian.AppendUint64(out, math.Float64bits(f))
 	}
-	return strconv.FormatInt(d.count, 10) + " " + fmtFloat(d.sum) + " " + fmtFloat(d.min) + " " + fmtFloat(d.max) + " " +
-		strconv.FormatUint(d.zero, 10) + " " + lo[0] + " " + top[0] + " " + lo[1] + " " + top[1]
+	out = binary.AppendUvarint(out, d.zero)
+	out = binary.AppendUvarint(out, uint64(len(d.bins)))
+	return append(out, encodeBins(d.bins)...)
+}
+
+var errMalformedBucket = errors.New("malformed bucket")
+
+// readRecords adds up a bucket's records as the memory store adds up
+// deltas: sums in the order they came, bins by code, then the sketch's
+// bound, which depends only on the bins' union; so both stores hold the
+// same bucket for the same samples.
+func readRecords(recs []byte) (storedBucket, error) {
+	var b storedBucket
+	var all []binCount
+	uvarint := func() uint64 {
+		v, k := binary.Uvarint(recs)
+		if k <= 0 {
+			recs = nil
+			return math.MaxUint64
+		}
+		recs = recs[k:]
+		return v
+	}
+	for len(recs) > 0 {
+		var st stats
+		st.count = int64(uvarint())
+		if len(recs) < 24 || st.count <= 0 {
+			return b, errMalformedBucket
+		}
+		st.sum = math.Float64frombits(binary.LittleEndian.Uint64(recs))
+		st.min = math.Float64frombits(binary.LittleEndian.Uint64(recs[8:]))
+		st.max = math.Float64frombits(binary.LittleEndian.Uint64(recs[16:]))
+		recs = recs[24:]
+		zero, n := uvarint(), uvarint()
+		if recs == nil && n != 0 || n > uint64(len(recs)) {
+			return b, errMalformedBucket
+		}
+		b.merge(st)
+		b.zero += zero
+		prev := int64(0)
+		for range n {
+			d, k1 := binary.Varint(recs)
+			if k1 <= 0 {
+				return b, errMalformedBucket
+			}
+			recs = recs[k1:]
+			c := uvarint()
+			if recs == nil && c == math.MaxUint64 {
+				return b, errMalformedBucket
+			}
+			prev += d
+			if prev < math.MinInt32 || prev > math.MaxInt32 {
+				return b, errMalformedBucket
+			}
+			all = append(all, binCount{int32(prev), c})
+		}
+	}
+	slices.SortStableFunc(all, func(x, y binCount) int { return cmp.Compare(x.code, y.code) })
+	out := all[:0]
+	for _, bc := range all {
+		if len(out) > 0 && out[len(out)-1].code == bc.code {
+			out[len(out)-1].n += bc.n
+			continue
+		}
+		out = append(out, bc)
+	}
+	b.bins = boundBins(out, maxBinsPerSign)
+	return b, nil
 }
 
 func fmtFloat(f float64) string { return strconv.FormatFloat(f, 'g', -1, 64) }
@@ -434,7 +494,7 @@ func (s *redisStore) read(ctx context.Context, typ string, spans []span) (meta t
 				c.Send("HMGET", s.keys.meta(typ), "v", "f", "n")
 			}
 			for _, r := range refs[i:min(i+readBlock, len(refs))] {
-				c.Send("HGETALL", s.keys.bucket(typ, r.res, r.start))
+				c.Send("GET", s.keys.bucket(typ, r.res, r.start))
 			}
 			c.Send("EXEC")
 		}
@@ -455,16 +515,16 @@ func (s *redisStore) read(ctx context.Context, typ string, spans []span) (meta t
 				block = block[1:]
 			}
 			for _, b := range block {
-				fields, err := redis.ByteSlices(b, nil)
+				r := refs[n]
+				n++
+				if b == nil {
+					continue
+				}
+				v, err := redis.Bytes(b, nil)
 				if err != nil {
 					return err
 				}
-				r := refs[n]
-				n++
-				if len(fields) == 0 {
-					continue
-				}
-				sb, err := parseBucket(fields)
+				sb, err := parseBucket(v)
 				if err != nil {
 					return err
 				}
@@ -493,48 +553,89 @@ func parseMeta(typ string, reply any) (typeMeta, error) {
 	return m, nil
 }
 
-// parseBucket reads a bucket hash as HGETALL returns it.
-func parseBucket(fields [][]byte) (storedBucket, error) {
-	var b storedBucket
-	b.bins = make([]binCount, 0, len(fields)/2)
-	for i := 0; i+1 < len(fields); i += 2 {
-		if string(fields[i]) == "a" {
-			st, zero, err := parseStats(string(fields[i+1]))
-			if err != nil {
-				return b, err
-			}
-			b.stats, b.zero = st, zero
-			continue
-		}
-		code, err1 := strconv.ParseInt(string(fields[i]), 10, 32)
-		n, err2 := strconv.ParseUint(string(fields[i+1]), 10, 64)
-		if err := errors.Join(err1, err2); err != nil {
-			return b, fmt.Errorf("malformed bucket bin: %w", err)
-		}
-		b.bins = append(b.bins, binCount{int32(code), n})
+// bucketHeader is the size of a Redis bucket's header: the size of its
+// records at its last compaction and how many compactions it has had
+// (uint32 each, little-endian).
+const bucketHeader = 8
+
+// parseBucket reads a bucket as the ingest script writes it.
+func parseBucket(v []byte) (storedBucket, error) {
+	if len(v) < bucketHeader {
+		return storedBucket{}, errMalformedBucket
 	}
-	slices.SortFunc(b.bins, func(x, y binCount) int { return cmp.Compare(x.code, y.code) })
-	return b, nil
+	return readRecords(v[bucketHeader:])
 }
 
-// parseStats reads a bucket's field a: "count sum min max zero ...".
-func parseStats(a string) (stats, uint64, error) {
-	f := strings.Fields(a)
-	if len(f) < 5 {
-		return stats{}, 0, fmt.Errorf("malformed bucket stats %q", a)
+//go:embed lua/compact.lua
+var compactLua string
+
+var compactScript = newScript(compactLua)
+
+// compact merges the records of the buckets ingests have noted as grown
+// into one record each, until none is left or ctx ends. It runs in the
+// background loop of every instance; SPOP hands each bucket to one of
+// them. A bucket whose compaction fails or is lost is noted again by the
+// next ingest that finds it grown.
+func (s *redisStore) compact(ctx context.Context) error {
+	for ctx.Err() == nil {
+		var types []string
+		err := s.pool.with(ctx, "compact", func(c redis.Conn, deadline time.Time) error {
+			var err error
+			types, err = redis.Strings(do(c, deadline, "SPOP", s.keys.compactTypes(), 16))
+			return err
+		})
+		if err != nil || len(types) == 0 {
+			return err
+		}
+		for _, typ := range types {
+			if err := s.compactType(ctx, typ); err != nil {
+				return err
+			}
+		}
 	}
-	var st stats
-	var errs [5]error
-	var zero uint64
-	st.count, errs[0] = strconv.ParseInt(f[0], 10, 64)
-	st.sum, errs[1] = strconv.ParseFloat(f[1], 64)
-	st.min, errs[2] = strconv.ParseFloat(f[2], 64)
-	st.max, errs[3] = strconv.ParseFloat(f[3], 64)
-	zero, errs[4] = strconv.ParseUint(f[4], 10, 64)
-	if err := errors.Join(errs[:]...); err != nil {
-		return stats{}, 0, fmt.Errorf("malformed bucket stats %q: %w", a, err)
+	return ctx.Err()
+}
+
+func (s *redisStore) compactType(ctx context.Context, typ string) error {
+	for ctx.Err() == nil {
+		var names []string
+		err := s.pool.with(ctx, "compact", func(c redis.Conn, deadline time.Time) error {
+			var err error
+			names, err = redis.Strings(do(c, deadline, "SPOP", s.keys.compactBuckets(typ), 64))
+			return err
+		})
+		if err != nil || len(names) == 0 {
+			return err
+		}
+		for _, name := range names {
+			err := s.pool.with(ctx, "compact", func(c redis.Conn, deadline time.Time) error {
+				v, err := redis.Bytes(do(c, deadline, "GET", name))
+				if err == redis.ErrNil {
+					return nil // expired or deleted meanwhile
+				}
+				if err != nil {
+					return err
+				}
+				return compactBucket(c, deadline, name, v)
+			})
+			if err != nil {
+				return err
+			}
+		}
 	}
-	return st, zero, nil
+	return ctx.Err()
+}
+
+// compactBucket replaces the records of bucket name, read as v, with their
+// merge, keeping whatever was appended after v was read.
+func compactBucket(c redis.Conn, deadline time.Time, name string, v []byte) error {
+	b, err := parseBucket(v)
+	if err != nil {
+		return err
+	}
+	merged := bucketRecord(bucketDelta{stats: b.stats, zero: b.zero, bins: b.bins})
+	_, err = compactScript.run(c, deadline, []string{name}, binary.LittleEndian.Uint32(v[4:8]), len(v)-bucketHeader, merged)
+	return err
 }
 
 func (s *redisStore) meta(ctx context.Context, typ string) (typeMeta, error) {
@@ -545,38 +646,28 @@ func (s *redisStore) meta(ctx context.Context, typ string) (typeMeta, error) {
 	return all[0], nil
 }
 
-// metas reads the meta of each type, and its running total when days are
-// kept forever, in one round trip.
+// metas reads the meta of each type in one round trip.
 func (s *redisStore) metas(ctx context.Context, names []string) ([]typeMeta, error) {
 	out := make([]typeMeta, len(names))
 	err := s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
 		for _, name := range names {
-			c.Send("MULTI")
 			c.Send("HMGET", s.keys.meta(name), "v", "f", "n")
-			c.Send("HGET", s.keys.bucket(name, resAll, 0), "a")
-			c.Send("EXEC")
 		}
 		replies, err := redis.Values(do(c, deadline, ""))
 		if err != nil {
 			return err
 		}
-		n := 0
-		for _, rep := range replies {
-			block, ok := rep.([]any)
-			if !ok {
-				continue
-			}
-			m, err := parseMeta(names[n], block[0])
+		for n, rep := range replies {
+			m, err := parseMeta(names[n], rep)
 			if err != nil {
 				return err
 			}
-			if a, ok := block[1].([]byte); ok {
-				if m.total, _, err = parseStats(string(a)); err != nil {
-					return err
-				}
+			// Every sample ever stored is in the running total, and only
+			// there when days are kept forever: its count is the version.
+			if s.horizon.forever() {
+				m.total.count = int64(m.version)
 			}
 			out[n] = m
-			n++
 		}
 		return nil
 	})

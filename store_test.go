@@ -204,6 +204,16 @@ func TestRedisIngestAllOrNothing(t *testing.T) {
 		}
 		c.Do("DEL", bad)
 	}
+	// A bucket is a string: a hash there is of the wrong type too.
+	if _, err := c.Do("HSET", k.bucket("bbb", res1s, testEpoch.Unix()), "f", "v"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.store.add(context.Background(), aggregate(batch, cfg.Retention), time.Now()); err == nil {
+		t.Fatal("add with a bucket of the wrong type = nil, want an error")
+	}
+	if m, _ := b.store.meta(context.Background(), "aaa"); m.version != 0 {
+		t.Fatalf("with a bucket of the wrong type, aaa = %+v; want nothing stored", m)
+	}
 }
 
 // TestRedisOutOfMemoryStoresNothing: a Redis at its memory limit refuses
@@ -401,6 +411,9 @@ func TestBinsBoundedAlikeInBothStores(t *testing.T) {
 		}
 		addSamples(t, mem.store, cfg.Retention, batch, clock.now())
 		addSamples(t, rb.store, cfg.Retention, batch, clock.now())
+		if err := rb.compact(context.Background()); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for _, w := range []window{allTime, {sampleTime.Unix(), sampleTime.Unix() + 1}, {floorTo(sampleTime.Unix(), 3600), sampleTime.Unix() + 3600}} {
 		m, _, err1 := summarize(mem, "wide", w)
@@ -412,9 +425,83 @@ func TestBinsBoundedAlikeInBothStores(t *testing.T) {
 	c := pool.Get()
 	defer c.Close()
 	for _, r := range []resolution{res1s, res1m, resAll} {
-		n, err := redis.Int(c.Do("HLEN", keys{prefix}.bucket("wide", r, floorTo(sampleTime.Unix(), r.secondsOr1()))))
-		if err != nil || n > 2*maxBinsPerSign+1 {
-			t.Errorf("bucket %s holds %d fields (%v), want at most the bound %d per sign plus the stats", r, n, err, maxBinsPerSign)
+		v, err := redis.Bytes(c.Do("GET", keys{prefix}.bucket("wide", r, floorTo(sampleTime.Unix(), r.secondsOr1()))))
+		if err != nil {
+			t.Fatal(err)
 		}
+		if b, err := parseBucket(v); err != nil || len(b.bins) > 2*maxBinsPerSign {
+			t.Errorf("bucket %s holds %d bins (%v), want at most the bound %d per sign", r, len(b.bins), err, maxBinsPerSign)
+		}
+	}
+}
+
+// TestRedisBucketSizeFollowsBins: an ingest appends its record to a Redis
+// bucket without reading it, and notes a bucket that has grown; the
+// background compaction merges its records, so 1,000 ingests of one value
+// into one second leave a bucket of a few records, not of 1,000 appends,
+// with every sample still counted.
+func TestRedisBucketSizeFollowsBins(t *testing.T) {
+	e := redisStoreEnv(t, nil)
+	for i := range 1000 {
+		if err := storeAdd(e.b, sample{typ: "cpu", at: sampleTime.UnixMicro() + int64(i), value: 42}); err != nil {
+			t.Fatal(err)
+		}
+		if i%100 == 99 { // as the background loop would, now and then
+			if err := e.b.compact(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	c := e.pool.Get()
+	defer c.Close()
+	for _, r := range []resolution{res1s, res1d, resAll} {
+		key := keys{e.prefix}.bucket("cpu", r, floorTo(sampleTime.Unix(), r.secondsOr1()))
+		n, err := redis.Int(c.Do("STRLEN", key))
+		// At most twice the merged size and 64 bytes, plus what the last
+		// hundred ingests appended since.
+		if err != nil || n > 100*40 {
+			t.Errorf("STRLEN %s = %d (%v) after 1,000 ingests of one value, want a few records (at most %d)", key, n, err, 100*40)
+		}
+	}
+	if v, _, err := summarize(e.b, "cpu", allTime); err != nil || v.Count != 1000 || *v.P99 != 42 {
+		t.Errorf("summary = %+v, %v; want 1,000 samples of 42", v, err)
+	}
+}
+
+// TestRedisCompactionKeepsLaterRecords: a compaction merges what it read;
+// records appended after that read survive it, and a compaction of a
+// version another one already replaced changes nothing.
+func TestRedisCompactionKeepsLaterRecords(t *testing.T) {
+	e := redisStoreEnv(t, nil)
+	c := e.pool.Get()
+	defer c.Close()
+	key := keys{e.prefix}.bucket("cpu", res1s, sampleTime.Unix())
+	at := sampleTime.UnixMicro()
+	for _, v := range []float64{1, 2} {
+		if err := storeAdd(e.b, sample{typ: "cpu", at: at, value: v}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	read, err := redis.Bytes(c.Do("GET", key))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := storeAdd(e.b, sample{typ: "cpu", at: at, value: 4}); err != nil { // after the read
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(time.Second)
+	if err := compactBucket(c, deadline, key, read); err != nil {
+		t.Fatal(err)
+	}
+	if err := compactBucket(c, deadline, key, read); err != nil { // stale: no effect
+		t.Fatal(err)
+	}
+	v, err := redis.Bytes(c.Do("GET", key))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := parseBucket(v)
+	if err != nil || b.count != 3 || b.sum != 7 || b.min != 1 || b.max != 4 {
+		t.Errorf("bucket after compactions = %+v, %v; want 3 samples summing to 7 from 1 to 4", b.stats, err)
 	}
 }
