@@ -4,6 +4,7 @@ import (
 	"context"
 	"math"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -171,7 +172,7 @@ func (q *reader) types(ctx context.Context, prefix string) ([]typeInfo, error) {
 	out := []typeInfo{}
 	now := q.now().UnixMicro()
 	for _, m := range metas {
-		if !typeHasPrefix(m.name, prefix) {
+		if !strings.HasPrefix(m.name, prefix) {
 			continue
 		}
 		first := floorDiv(m.first, 1_000_000)
@@ -190,8 +191,4 @@ func (q *reader) types(ctx context.Context, prefix string) ([]typeInfo, error) {
 			Last: formatTime(floorDiv(m.newest, 1_000_000)), Series: 1})
 	}
 	return out, nil
-}
-
-func typeHasPrefix(name, prefix string) bool {
-	return len(name) >= len(prefix) && name[:len(prefix)] == prefix
 }

@@ -336,7 +336,7 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 	idx := s.indexed()
 	ix := map[resolution]int{}
 	keys := []string{s.keys.types(), s.keys.compactTypes()}
-	args := []any{0, now.UnixMicro(), s.maxTypes, maxBinsPerSign, len(batches), len(idx)}
+	args := []any{0, now.UnixMicro(), s.maxTypes, len(batches), len(idx)}
 	for i, r := range idx {
 		ix[r] = i + 1
 		args = append(args, s.horizon[r], r.seconds(), r.chunk()*r.seconds())

@@ -8,8 +8,7 @@
 -- order), one retention index per resolution that is not kept forever, and
 -- its set of buckets to compact.
 -- ARGV: fence (Unix us, Redis's clock), now (Unix us, the service's
--- clock), MAX_TYPES, bins kept per sign, the number of types, the number
--- of indexes nidx; nidx triples (horizon, bucket width, chunk span, in
+-- clock), MAX_TYPES, the number of types, the number of indexes nidx; nidx triples (horizon, bucket width, chunk span, in
 -- seconds); then per type: name, samples, first and newest (Unix us),
 -- keepUntil (0: kept forever), bucket count nb, nidx bucket-name prefixes;
 -- then per bucket: index number (0: none), start, expiry (the anchor at
@@ -28,9 +27,9 @@ if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[1]) then
   return redis.error_reply('FENCED ingest reached Redis after its deadline')
 end
 local nowUs = tonumber(ARGV[2])
-local maxTypes, maxBins = tonumber(ARGV[3]), tonumber(ARGV[4])
-local ntypes, nidx = tonumber(ARGV[5]), tonumber(ARGV[6])
-local a = 7
+local maxTypes = tonumber(ARGV[3])
+local ntypes, nidx = tonumber(ARGV[4]), tonumber(ARGV[5])
+local a = 6
 local idx = {}
 for i = 1, nidx do
   idx[i] = {h = tonumber(ARGV[a]), w = tonumber(ARGV[a + 1]), span = tonumber(ARGV[a + 2])}
