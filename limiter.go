@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	_ "embed"
 	"log/slog"
 	"math"
 	"net/http"
@@ -170,32 +171,26 @@ func limiterSweepEvery(window time.Duration) time.Duration {
 // long, whatever fails between calls.
 type redisLimiter struct {
 	pool   *redisPool
-	prefix string
+	keys   keys
 	limit  int
 	window time.Duration
 }
 
 func newRedisLimiter(pool *redisPool, prefix string, limit int, window time.Duration) *redisLimiter {
-	return &redisLimiter{pool: pool, prefix: prefix, limit: limit, window: window}
+	return &redisLimiter{pool: pool, keys: keys{prefix}, limit: limit, window: window}
 }
 
-// limitScript counts one request. KEYS[1]: the counter; ARGV[1]: its TTL in
-// milliseconds. The PTTL check repairs a counter that somehow lost its
-// expiry.
-var limitScript = newScript(`
-local n = redis.call('INCR', KEYS[1])
-if n == 1 or redis.call('PTTL', KEYS[1]) < 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-end
-return n
-`)
+//go:embed lua/limit.lua
+var limitLua string
+
+var limitScript = newScript(limitLua)
 
 // limiterClockSkew keeps a counter a little past its window's end, so an
 // instance whose clock runs behind still finds it.
 const limiterClockSkew = time.Second
 
 func (l *redisLimiter) key(client string, idx int64) string {
-	return l.prefix + "rl:{" + client + "}:" + strconv.FormatInt(idx, 10)
+	return l.keys.limiter(client, idx)
 }
 
 func (l *redisLimiter) allow(ctx context.Context, client string, now time.Time) (d decision, err error) {
