@@ -495,13 +495,16 @@ func parseSeriesQuery(q url.Values, now time.Time) (string, seriesPlan, error) {
 	if err != nil {
 		return "", seriesPlan{}, err
 	}
-	end := ceilTo(-floorDiv(-nowUs, 1_000_000), step)
+	end := -floorDiv(-nowUs, 1_000_000)
 	if to != nil {
 		end = *to
 	}
-	start := ceilTo(end, step) - 3600
+	start := end - 3600
 	if from != nil {
 		start = *from
+	}
+	if lo, hi := minTimestamp.Unix(), maxTimestamp.Unix(); start < lo || end > hi {
+		return "", seriesPlan{}, unprocessable("from and to must be from the year 1900 up to, not including, 2200")
 	}
 	if start > end {
 		return "", seriesPlan{}, unprocessable("from must not be after to")

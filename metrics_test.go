@@ -471,8 +471,11 @@ func TestSeries(t *testing.T) {
 			t.Errorf("from=-3m at 10:02:30 = %d %s, want from 09:59 to 10:03", r.status, r.body)
 		}
 		r = get(t, base+"/api/metrics/series?metric_type=cpu")
-		if got := r.json(t); r.status != 200 || got["from"] != "2025-01-01T09:03:00Z" || got["to"] != "2025-01-01T10:03:00Z" || len(got["points"].([]any)) != 60 {
-			t.Errorf("default series at 10:02:30 = %d %.200s, want the hour to 10:03 in 60 points", r.status, r.body)
+		if got := r.json(t); r.status != 200 || got["from"] != "2025-01-01T09:02:00Z" || got["to"] != "2025-01-01T10:03:00Z" || len(got["points"].([]any)) != 61 {
+			t.Errorf("default series at 10:02:30 = %d %.200s, want from 09:02:30 to 10:02:30, rounded out to 61 minutes", r.status, r.body)
+		}
+		if r := get(t, base+"/api/metrics/series?metric_type=cpu&from=-2562047h"); r.status != 422 {
+			t.Errorf("series from 292 years ago = %d %s, want 422 at once", r.status, r.body)
 		}
 		for _, c := range []struct{ query, want string }{
 			{"&step=0", "step must be"},

@@ -138,8 +138,9 @@ func (q *reader) series(ctx context.Context, typ string, p seriesPlan) (seriesBo
 		anchor := m.anchor(q.now().UnixMicro())
 		if m.version > 0 {
 			if first := q.horizon.firstKept(p.res, anchor); p.from < first {
+				last := min(first, p.to) - 1 // the newest second dropped
 				for c := p.res + 1; c < numRes; c++ {
-					if q.horizon.keeps(c, floorTo(p.from, c.seconds()), anchor) {
+					if q.horizon.keeps(c, floorTo(last, c.seconds()), anchor) {
 						since := q.horizon.firstKept(c-1, anchor)
 						return body, 0, unprocessable("from: data before %s is kept per %s; start at %s or later, or use a step of whole %ss",
 							formatTime(since), c.unit(), formatTime(first), c.unit())

@@ -124,11 +124,14 @@ func (h retention) firstKept(r resolution, anchor int64) int64 {
 	return floorTo(anchor-h[r]-w, w) + w
 }
 
+// never is the expiry of what is kept forever: later than any anchor.
+const never = math.MaxInt64
+
 // expiry is when a bucket of r starting at start stops being kept: the
-// anchor at which it goes (Unix seconds), or 0 when never.
+// anchor at which it goes (Unix seconds), or never.
 func (h retention) expiry(r resolution, start int64) int64 {
 	if r == resAll || h[r] == 0 {
-		return 0
+		return never
 	}
 	return start + r.seconds() + h[r]
 }
@@ -212,13 +215,16 @@ func (e *agedError) Error() string {
 // it refuses with an agedError instead: the samples are there, only not
 // at the detail the window needs. Where no resolution keeps that time any
 // more, the data has aged out entirely and the window simply excludes it.
+// The coarser resolutions are asked about the last second dropped, the
+// newest, since the coarser ones keep that one the longest.
 func (h retention) clip(spans []span, anchor int64) ([]span, error) {
 	out := spans[:0:0]
 	for _, s := range spans {
 		if s.res != resAll {
 			if first := h.firstKept(s.res, anchor); s.start < first {
+				last := min(first, s.end) - 1
 				for c := s.res + 1; c < numRes; c++ {
-					if h.keeps(c, floorTo(s.start, c.seconds()), anchor) {
+					if h.keeps(c, floorTo(last, c.seconds()), anchor) {
 						bound := "to"
 						if s.left {
 							bound = "from"
@@ -267,13 +273,18 @@ func coarsestDividing(step int64) resolution {
 }
 
 // planSeries aligns [from, to) to step (from down, to up) and checks the
-// limits. A refusal names the smallest step that fits.
+// limits. A refusal names the smallest step that fits, or, when even day
+// buckets are too many, the longest window that fits.
 func planSeries(from, to, step int64) (seriesPlan, error) {
 	p := alignSeries(from, to, step)
 	if p.points() <= maxSeriesPoints && p.bucketsRead() <= maxSeriesBuckets {
 		return p, nil
 	}
-	fits := smallestStep(from, to)
+	fits, ok := smallestStep(from, to)
+	if !ok {
+		return p, unprocessable("from: the window is %d days long; a series covers at most %d days",
+			(to-from)/res1d.seconds(), maxSeriesBuckets)
+	}
 	if p.points() > maxSeriesPoints {
 		return p, unprocessable("step: %s gives %d points, more than %d; use a step of at least %s",
 			formatStep(step), p.points(), maxSeriesPoints, formatStep(fits))
@@ -289,20 +300,25 @@ func alignSeries(from, to, step int64) seriesPlan {
 
 // smallestStep is the smallest whole-second step within both limits for
 // [from, to): for each resolution, the smallest multiple of its width that
-// fits, and the least of those.
-func smallestStep(from, to int64) int64 {
+// fits, and the least of those. None fits when even day buckets are too
+// many; a step longer than the window plus a day never helps, so the
+// search stops there.
+func smallestStep(from, to int64) (int64, bool) {
 	best := int64(math.MaxInt64)
+	limit := to - from + res1d.seconds()
 	for r := res1s; r < numRes; r++ {
 		w := r.seconds()
-		k := max(1, (to-from)/maxSeriesPoints/w)
-		for ; k*w < best; k++ {
+		if (to-from)/w > maxSeriesBuckets {
+			continue // too many buckets of r, whatever the step
+		}
+		for k := max(1, (to-from)/maxSeriesPoints/w); k*w < best && k*w <= limit; k++ {
 			if p := alignSeries(from, to, k*w); p.points() <= maxSeriesPoints && p.bucketsRead() <= maxSeriesBuckets {
 				best = k * w
 				break
 			}
 		}
 	}
-	return best
+	return best, best != math.MaxInt64
 }
 
 // formatStep writes a step as a Go duration without zero units ("1m", not

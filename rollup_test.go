@@ -89,6 +89,14 @@ func TestClipRefusesWhereOnlyCoarserRemains(t *testing.T) {
 	if _, err := h.clip(planWindow(floorTo(from, 60), anchor), anchor); err != nil {
 		t.Errorf("clip of the minute-aligned window = %v, want nil", err)
 	}
+	// Days kept for a year, hours for 90 days: an hourly span from 400
+	// days ago has days to offer for most of its aged part, so it is
+	// refused rather than answered with zeros there.
+	yearly := retention{3600, 7 * 86400, 90 * 86400, 365 * 86400}
+	start := floorTo(anchor-400*86400, 3600)
+	if _, err := yearly.clip([]span{{res1h, start, floorTo(anchor, 3600), true}}, anchor); err == nil {
+		t.Error("clip of hours from 400 days ago with days kept a year = nil, want an agedError")
+	}
 	// Where nothing keeps the time at all, the window just excludes it.
 	gone := retention{60, 120, 3600, 86400}
 	spans, err := gone.clip(planWindow(anchor-10*86400+5, anchor), anchor)
@@ -111,6 +119,7 @@ func TestPlanSeries(t *testing.T) {
 		{5, 5, 10, seriesPlan{0, 10, 10, res1s}, ""},                // an empty window still has its step
 		{0, 2 * day, 1, seriesPlan{}, "use a step of at least 1m"},  // 16s would fit the points, not the 1 s buckets
 		{0, 7 * day, 10, seriesPlan{}, "use a step of at least 1m"}, // 60,480 points fit, 604,800 1 s buckets do not
+		{0, 100_001 * day, 86400, seriesPlan{}, "a series covers at most 100000 days"},      // no step fits: refused at once
 	} {
 		got, err := planSeries(c.from, c.to, c.step)
 		if c.err != "" {
@@ -128,8 +137,8 @@ func TestPlanSeries(t *testing.T) {
 	for range 200 {
 		from := rng.Int64N(1e6)
 		to := from + rng.Int64N(400*day)
-		s := smallestStep(from, to)
-		if _, err := planSeries(from, to, s); err != nil {
+		s, ok := smallestStep(from, to)
+		if _, err := planSeries(from, to, s); !ok || err != nil {
 			t.Fatalf("smallestStep(%d, %d) = %d, which planSeries refuses: %v", from, to, s, err)
 		}
 	}

@@ -69,8 +69,8 @@ type typeBatch struct {
 	samples       int
 	first, newest int64 // the earliest and latest sample, Unix microseconds
 	// keepUntil is the earliest anchor (Unix seconds) at which some sample
-	// of the batch would no longer be kept by any resolution; 0 when some
-	// resolution keeps everything forever.
+	// of the batch would no longer be kept by any resolution; never when
+	// some resolution keeps everything forever.
 	keepUntil int64
 	deltas    []bucketDelta // by resolution, then start
 }
@@ -102,7 +102,7 @@ func aggregate(samples []sample, h retention) []typeBatch {
 // so that emptying it costs what was put in.
 func aggregateType(samples []sample, idx []int, h retention) typeBatch {
 	first := samples[idx[0]]
-	b := typeBatch{typ: first.typ, samples: len(idx), first: first.at, newest: first.at}
+	b := typeBatch{typ: first.typ, samples: len(idx), first: first.at, newest: first.at, keepUntil: never}
 	codes := make([]int32, len(idx))
 	loCode, hiCode := int32(math.MaxInt32), int32(math.MinInt32)
 	sorted := true
@@ -136,13 +136,11 @@ func aggregateType(samples []sample, idx []int, h retention) typeBatch {
 		s := samples[idx[k]]
 		sec := s.second()
 		if !h.forever() {
-			until := int64(0)
+			until := int64(math.MinInt64)
 			for r := res1s; r < numRes; r++ {
 				until = max(until, h.expiry(r, floorTo(sec, r.seconds())))
 			}
-			if b.keepUntil == 0 || until < b.keepUntil {
-				b.keepUntil = until
-			}
+			b.keepUntil = min(b.keepUntil, until)
 		}
 		for l, r := range levels {
 			d := &current[l]

@@ -52,6 +52,7 @@ type memoryStore struct {
 
 type memType struct {
 	version atomic.Uint64 // written under mu; read without it for the cache
+	counted atomic.Bool   // holds MAX_TYPES room; written under memoryStore.mu
 
 	mu            sync.RWMutex
 	first, newest int64
@@ -90,12 +91,12 @@ func (m *memoryStore) add(_ context.Context, batches []typeBatch, now time.Time)
 	// type is created keeps a refused ingest from taking MAX_TYPES room.
 	for _, b := range batches {
 		if t := m.lookup(b.typ); t == nil {
-			if anchor := floorDiv(min(b.newest, now.UnixMicro()), 1_000_000); b.keepUntil != 0 && b.keepUntil <= anchor {
+			if anchor := floorDiv(min(b.newest, now.UnixMicro()), 1_000_000); b.keepUntil <= anchor {
 				return &tooOldError{typ: b.typ, anchor: anchor}
 			}
 		}
 	}
-	all, err := m.typesFor(batches)
+	all, reserved, err := m.typesFor(batches)
 	if err != nil {
 		return err
 	}
@@ -117,7 +118,8 @@ func (m *memoryStore) add(_ context.Context, batches []typeBatch, now time.Time)
 			newest = max(newest, t.newest)
 		}
 		anchors[i] = floorDiv(min(newest, now.UnixMicro()), 1_000_000)
-		if b.keepUntil != 0 && b.keepUntil <= anchors[i] {
+		if b.keepUntil <= anchors[i] {
+			m.release(reserved)
 			return &tooOldError{typ: b.typ, anchor: anchors[i]}
 		}
 	}
@@ -169,38 +171,59 @@ func (b *memBucket) stored(r resolution) storedBucket {
 	return storedBucket{res: r, start: b.start, stats: b.stats, zero: b.zero, packed: b.bins}
 }
 
-// typesFor returns the type of each batch, creating missing ones unless
-// that would pass maxTypes; then it creates none.
-func (m *memoryStore) typesFor(batches []typeBatch) ([]*memType, error) {
-	out := make([]*memType, len(batches))
-	missing := false
+// typesFor returns the type of each batch, creating missing ones, and
+// reserves MAX_TYPES room for those not yet counted, unless that would
+// pass maxTypes; then it creates and reserves nothing. It returns the
+// types it reserved room for.
+func (m *memoryStore) typesFor(batches []typeBatch) (all, reserved []*memType, err error) {
+	all = make([]*memType, len(batches))
+	counted := true
 	for i, b := range batches {
-		if out[i] = m.lookup(b.typ); out[i] == nil {
-			missing = true
+		if all[i] = m.lookup(b.typ); all[i] == nil || !all[i].counted.Load() {
+			counted = false
 		}
 	}
-	if !missing {
-		return out, nil
+	if counted {
+		return all, nil, nil
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var fresh []int
 	for i, b := range batches {
-		if out[i] == nil {
-			if out[i] = m.lookup(b.typ); out[i] == nil {
-				fresh = append(fresh, i)
-			}
+		if all[i] == nil {
+			all[i] = m.lookup(b.typ)
+		}
+		if all[i] == nil || !all[i].counted.Load() {
+			fresh = append(fresh, i)
 		}
 	}
 	if m.count+len(fresh) > m.maxTypes {
-		return nil, &tooManyTypesError{batches[fresh[0]].typ}
+		return nil, nil, &tooManyTypesError{batches[fresh[0]].typ}
 	}
 	for _, i := range fresh {
-		out[i] = &memType{}
-		m.byName.Store(batches[i].typ, out[i])
+		if all[i] == nil {
+			all[i] = &memType{}
+			m.byName.Store(batches[i].typ, all[i])
+		}
+		all[i].counted.Store(true)
+		reserved = append(reserved, all[i])
 	}
 	m.count += len(fresh)
-	return out, nil
+	return all, reserved, nil
+}
+
+// release gives back the room reserved for types an ingest then did not
+// write after all (the caller holds their locks, so none has been
+// written since).
+func (m *memoryStore) release(reserved []*memType) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, t := range reserved {
+		if t.version.Load() == 0 {
+			t.counted.Store(false)
+			m.count--
+		}
+	}
 }
 
 func (m *memoryStore) meta(_ context.Context, typ string) (typeMeta, error) {

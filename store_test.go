@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -503,5 +504,103 @@ func TestRedisCompactionKeepsLaterRecords(t *testing.T) {
 	b, err := parseBucket(v)
 	if err != nil || b.count != 3 || b.sum != 7 || b.min != 1 || b.max != 4 {
 		t.Errorf("bucket after compactions = %+v, %v; want 3 samples summing to 7 from 1 to 4", b.stats, err)
+	}
+}
+
+// TestRefusedIngestTakesNoTypeRoom: a batch refused because one of its
+// samples is too old stores nothing, and the new types in it take no room
+// under MAX_TYPES.
+func TestRefusedIngestTakesNoTypeRoom(t *testing.T) {
+	forEachStore(t, func(c *config) {
+		c.MaxTypes = 2
+		c.Retention = retention{3600, 7 * 86400, 90 * 86400, 400 * 86400}
+	}, func(t *testing.T, e storeEnv) {
+		now := e.clock.now().UnixMicro()
+		if err := storeAdd(e.b, sample{typ: "old", at: now, value: 1}); err != nil {
+			t.Fatal(err)
+		}
+		var to *tooOldError
+		err := storeAdd(e.b, sample{typ: "new1", at: now, value: 1}, sample{typ: "old", at: now - 500*86400*1_000_000, value: 1})
+		if !errors.As(err, &to) {
+			t.Fatalf("a batch with a sample older than every horizon = %v, want a tooOldError", err)
+		}
+		if err := storeAdd(e.b, sample{typ: "new2", at: now, value: 1}); err != nil {
+			t.Errorf("a new type after the refused batch = %v, want room for it", err)
+		}
+	})
+}
+
+// countKeys is how many of e's Redis keys match pattern (after the prefix).
+func countKeys(t *testing.T, e storeEnv, pattern string) int {
+	t.Helper()
+	c := e.pool.Get()
+	defer c.Close()
+	ks, err := redis.Strings(c.Do("KEYS", e.prefix+pattern))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ks)
+}
+
+// TestRedisRetentionKeepsUp reproduces two ways Redis kept buckets past
+// their horizon forever: samples stamped ahead of the server's clock (the
+// anchor then moves with the clock, not with the samples), and ingests
+// that each create more chunks of buckets than one ingest used to delete.
+func TestRedisRetentionKeepsUp(t *testing.T) {
+	t.Run("clock behind the samples", func(t *testing.T) {
+		e := redisStoreEnv(t, func(c *config) { c.Retention = retention{60, 3600, 86400, 0} })
+		for range 600 { // ten minutes, one sample a second, stamped 2 s ahead
+			if err := storeAdd(e.b, sample{typ: "fut", at: e.clock.now().Add(2 * time.Second).UnixMicro(), value: 1}); err != nil {
+				t.Fatal(err)
+			}
+			e.clock.advance(time.Second)
+		}
+		// A minute kept, plus the chunk in progress and the one the anchor
+		// has not quite passed: at most three minutes of seconds.
+		if n := countKeys(t, e, "{fut}:b:1s:*"); n > 180 {
+			t.Errorf("%d second buckets after ten minutes with RETENTION_1S=60s, want at most 180", n)
+		}
+	})
+	t.Run("batches of five minutes", func(t *testing.T) {
+		e := redisStoreEnv(t, func(c *config) { c.Retention = retention{600, 3600, 86400, 0} })
+		for range 30 { // two and a half hours, flushed every five minutes
+			var batch []sample
+			for s := range 300 {
+				batch = append(batch, sample{typ: "agent", at: e.clock.now().Add(time.Duration(s) * time.Second).UnixMicro(), value: 1})
+			}
+			if err := storeAdd(e.b, batch...); err != nil {
+				t.Fatal(err)
+			}
+			e.clock.advance(5 * time.Minute)
+		}
+		if n := countKeys(t, e, "{agent}:b:1s:*"); n > 600+300+120 {
+			t.Errorf("%d second buckets with RETENTION_1S=10m, want about 900 (ten minutes and the last batch)", n)
+		}
+	})
+}
+
+// TestRedisSweepChecksIndexesFirst: when an ingest will run retention, a
+// retention index of the wrong type fails it before its first write (it
+// used to fail it after, a 503 for samples that were stored).
+func TestRedisSweepChecksIndexesFirst(t *testing.T) {
+	e := redisStoreEnv(t, nil)
+	now := e.clock.now()
+	if err := storeAdd(e.b, sample{typ: "cpu", at: now.UnixMicro(), value: 1}); err != nil {
+		t.Fatal(err)
+	}
+	c := e.pool.Get()
+	defer c.Close()
+	if _, err := c.Do("SET", keys{e.prefix}.index("cpu", res1m), "x"); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.advance(time.Second) // same minute: only the sweep touches the minute index
+	if err := storeAdd(e.b, sample{typ: "cpu", at: e.clock.now().UnixMicro(), value: 1}); err == nil {
+		t.Fatal("an ingest whose sweep meets an index of the wrong type = nil, want an error")
+	}
+	if m, err := e.b.store.meta(context.Background(), "cpu"); err != nil || m.version != 1 {
+		t.Errorf("after the refused ingest, version = %d (%v), want 1: nothing stored", m.version, err)
+	}
+	if n, _ := redis.Int(c.Do("EXISTS", keys{e.prefix}.bucket("cpu", res1s, e.clock.now().Unix()))); n != 0 {
+		t.Error("after the refused ingest, its second's bucket exists: it was partly applied")
 	}
 }

@@ -10,9 +10,9 @@
 -- ARGV: fence (Unix us, Redis's clock), now (Unix us, the service's
 -- clock), MAX_TYPES, the number of types, the number of indexes nidx; nidx triples (horizon, bucket width, chunk span, in
 -- seconds); then per type: name, samples, first and newest (Unix us),
--- keepUntil (0: kept forever), bucket count nb, nidx bucket-name prefixes;
+-- keepUntil (the anchor at which some sample would no longer be kept), bucket count nb, nidx bucket-name prefixes;
 -- then per bucket: index number (0: none), start, expiry (the anchor at
--- which it goes; 0: never), and what the ingest adds to it as one record.
+-- which it goes; a huge number for never), and what the ingest adds to it as one record.
 --
 -- A bucket is an 8-byte header (the size of its records at its last
 -- compaction and a compaction count, little-endian), then records, each as
@@ -45,18 +45,20 @@ local types, k = {}, 3
 for i = 1, ntypes do
   local ty = {name = ARGV[a], n = tonumber(ARGV[a + 1]), first = tonumber(ARGV[a + 2]),
     newest = tonumber(ARGV[a + 3]), keepUntil = tonumber(ARGV[a + 4]), meta = KEYS[k],
-    buckets = {}, prefixes = {}, idxKeys = {}}
+    buckets = {}, prefixes = {}, idxKeys = {}, created = {}}
   local nb = tonumber(ARGV[a + 5])
   a = a + 6
   for j = 1, nidx do ty.prefixes[j] = ARGV[a]; a = a + 1 end
-  local m = redis.call('HMGET', ty.meta, 'v', 'f', 'n')
+  local m = redis.call('HMGET', ty.meta, 'v', 'f', 'n', 's')
   ty.version = tonumber(m[1]) or 0
   if ty.version > 0 then
-    ty.oldAnchor = math.floor(math.min(tonumber(m[3]), nowUs) / 1000000)
     ty.first = math.min(ty.first, tonumber(m[2]))
     ty.newest = math.max(ty.newest, tonumber(m[3]))
   end
   ty.anchor = math.floor(math.min(ty.newest, nowUs) / 1000000)
+  -- Retention runs when the anchor has passed where it last finished
+  -- (field s), whether samples or the clock moved it.
+  ty.sweep = ty.version > 0 and nidx > 0 and ty.anchor > (tonumber(m[4]) or -math.huge)
   local firstKey = k + 1
   k = k + 1
   for j = 1, nb do
@@ -86,6 +88,9 @@ for i = 1, ntypes do
         indexed[b.ix] = true
       end
     end
+    if ty.sweep then
+      for j = 1, nidx do indexed[j] = true end
+    end
     for j in pairs(indexed) do redis.call('ZCARD', ty.idxKeys[j]) end
     redis.call('SCARD', ty.compactKey)
   end
@@ -106,7 +111,7 @@ for j = 1, #names, 1000 do
 end
 -- The same order of refusals as the memory store: a new type too old,
 -- then MAX_TYPES, then an existing type too old; each the first by name.
-local function tooOld(ty) return ty.keepUntil ~= 0 and ty.keepUntil <= ty.anchor end
+local function tooOld(ty) return ty.keepUntil <= ty.anchor end
 local newTypes, firstNew = 0, nil
 for _, ty in ipairs(types) do
   if ty.version == 0 and tooOld(ty) then
@@ -136,6 +141,7 @@ local function apply(ty, b)
       local span = idx[b.ix].span
       local cs = b.start - b.start % span
       redis.call('ZADD', ty.idxKeys[b.ix], cs, int(cs))
+      ty.created[b.ix] = (ty.created[b.ix] or 0) + 1
     end
   else
     local size = redis.call('APPEND', b.key, b.rec) - headerLen
@@ -146,10 +152,13 @@ local function apply(ty, b)
   end
   -- Kept until the anchor passes its expiry; when the newest sample is
   -- already past it, the clock alone decides, so Redis expires it.
-  if b.ix > 0 and b.expiry > 0 and b.expiry * 1000000 <= ty.newest then
+  if b.ix > 0 and b.expiry * 1000000 <= ty.newest then
     redis.call('PEXPIRE', b.key, math.max(1, math.floor((b.expiry * 1000000 - nowUs) / 1000)))
   end
 end
+
+-- sweepBudget is how many chunks of buckets one ingest deletes at most.
+local sweepBudget = 32
 
 local fresh = {}
 for _, ty in ipairs(types) do
@@ -160,22 +169,35 @@ for j = 1, #fresh, 1000 do
 end
 for _, ty in ipairs(types) do
   for _, b in ipairs(ty.buckets) do
-    if b.expiry == 0 or b.expiry > ty.anchor then apply(ty, b) end
+    if b.expiry > ty.anchor then apply(ty, b) end
   end
-  redis.call('HSET', ty.meta, 'v', int(ty.version + ty.n), 'f', int(ty.first), 'n', int(ty.newest))
   if ty.compact then redis.call('SADD', KEYS[2], ty.name) end
-  -- Retention: delete the chunks of buckets that the anchor has passed, a
-  -- few per index and ingest, so no one ingest pays for a long pause; only
-  -- when the anchor moved, since nothing else makes more of them due.
-  for j = 1, (ty.oldAnchor and ty.anchor > ty.oldAnchor) and nidx or 0 do
+  -- Retention: delete the chunks of buckets that the anchor has passed.
+  -- Each index drops more chunks than this ingest created in it, so a
+  -- backlog only shrinks, and the whole script drops at most sweepBudget
+  -- chunks, so no one ingest pays for a long pause; a type whose sweep did
+  -- not finish keeps its old s and carries on at its next ingest.
+  local done = true
+  for j = 1, ty.sweep and nidx or 0 do
     local ix = idx[j]
-    local old = redis.call('ZRANGEBYSCORE', ty.idxKeys[j], '-inf', int(ty.anchor - ix.h - ix.span), 'LIMIT', 0, 4)
+    local limit = math.min((ty.created[j] or 0) + 4, sweepBudget)
+    local old = {}
+    if limit > 0 then
+      old = redis.call('ZRANGEBYSCORE', ty.idxKeys[j], '-inf', int(ty.anchor - ix.h - ix.span), 'LIMIT', 0, limit)
+    end
+    if limit == 0 or #old == limit then done = false end
+    sweepBudget = sweepBudget - #old
     for _, cs in ipairs(old) do
       local first, names = tonumber(cs), {}
       for s = first, first + ix.span - ix.w, ix.w do names[#names + 1] = ty.prefixes[j] .. int(s) end
-      redis.call('DEL', unpack(names))
+      redis.call('UNLINK', unpack(names))
       redis.call('ZREM', ty.idxKeys[j], cs)
     end
   end
+  local meta = {'v', int(ty.version + ty.n), 'f', int(ty.first), 'n', int(ty.newest)}
+  if ty.sweep and done or ty.version == 0 then
+    meta[#meta + 1], meta[#meta + 2] = 's', int(ty.anchor)
+  end
+  redis.call('HSET', ty.meta, unpack(meta))
 end
 return 1
