@@ -116,10 +116,10 @@ func TestPlanSeries(t *testing.T) {
 		{7, 3599, 60, seriesPlan{0, 3600, 60, res1m}, ""}, // from down, to up
 		{0, 3600, 90, seriesPlan{0, 3600, 90, res1s}, ""}, // 1m does not divide 90s
 		{0, 7 * day, 3600, seriesPlan{0, 7 * day, 3600, res1h}, ""},
-		{5, 5, 10, seriesPlan{0, 10, 10, res1s}, ""},                // an empty window still has its step
-		{0, 2 * day, 1, seriesPlan{}, "use a step of at least 1m"},  // 16s would fit the points, not the 1 s buckets
-		{0, 7 * day, 10, seriesPlan{}, "use a step of at least 1m"}, // 60,480 points fit, 604,800 1 s buckets do not
-		{0, 100_001 * day, 86400, seriesPlan{}, "a series covers at most 100000 days"},      // no step fits: refused at once
+		{5, 5, 10, seriesPlan{0, 10, 10, res1s}, ""},                                   // an empty window still has its step
+		{0, 2 * day, 1, seriesPlan{}, "use a step of at least 1m"},                     // 16s would fit the points, not the 1 s buckets
+		{0, 7 * day, 10, seriesPlan{}, "use a step of at least 1m"},                    // 60,480 points fit, 604,800 1 s buckets do not
+		{0, 100_001 * day, 86400, seriesPlan{}, "a series covers at most 100000 days"}, // no step fits: refused at once
 	} {
 		got, err := planSeries(c.from, c.to, c.step)
 		if c.err != "" {
