@@ -70,21 +70,27 @@ func newReadCache(entries cacheStore) *readCache {
 // cachedRead returns the answer cached under key for typ, or computes it.
 // compute returns the answer and the type's version it reflects (the
 // earliest version it read, so the answer holds everything up to it).
-func cachedRead[T any](ctx context.Context, c *readCache, typ, key string, compute func(context.Context) (T, uint64, error)) (T, error) {
+// With rawOK, an answer Redis holds comes back as its JSON, undecoded
+// (the value is then the zero T): a handler can send it as it is.
+func cachedRead[T any](ctx context.Context, c *readCache, typ, key string, rawOK bool, compute func(context.Context) (T, uint64, error)) (T, []byte, error) {
 	var zero T
 	version, e, ok, err := c.entries.get(ctx, typ, key)
 	if err != nil {
-		return zero, err
+		return zero, nil, err
 	}
 	if ok && e.version == version {
 		if v, ok := e.value.(T); ok {
 			c.hits.Add(1)
-			return v, nil
+			return v, nil, nil
+		}
+		if rawOK && json.Valid(e.raw) {
+			c.hits.Add(1)
+			return zero, e.raw, nil
 		}
 		var v T
 		if json.Unmarshal(e.raw, &v) == nil {
 			c.hits.Add(1)
-			return v, nil
+			return v, nil, nil
 		}
 	}
 	// Concurrent misses share one computation, but only with one that
@@ -104,9 +110,9 @@ func cachedRead[T any](ctx context.Context, c *readCache, typ, key string, compu
 		return v, nil
 	})
 	if err != nil {
-		return zero, err
+		return zero, nil, err
 	}
-	return v.(T), nil
+	return v.(T), nil, nil
 }
 
 // flightGroup runs one call per key at a time; callers that arrive while it

@@ -102,14 +102,11 @@ func handleSummary(log *slog.Logger, q *reader) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		typ, from, to, err := parseSummaryQuery(r.URL.Query())
 		var body summaryBody
+		var raw []byte
 		if err == nil {
-			body, err = q.summary(r.Context(), typ, from, to)
+			body, raw, err = q.summaryAnswer(r.Context(), typ, from, to, true)
 		}
-		if err != nil {
-			writeFailure(w, r, log, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, body)
+		writeAnswer(w, r, log, body, raw, err)
 	})
 }
 
@@ -117,15 +114,25 @@ func handleSeries(log *slog.Logger, q *reader) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		typ, plan, err := parseSeriesQuery(r.URL.Query(), q.now())
 		var body seriesBody
+		var raw []byte
 		if err == nil {
-			body, err = q.series(r.Context(), typ, plan)
+			body, raw, err = q.series(r.Context(), typ, plan, true)
 		}
-		if err != nil {
-			writeFailure(w, r, log, err)
-			return
-		}
-		writeJSON(w, http.StatusOK, body)
+		writeAnswer(w, r, log, body, raw, err)
 	})
+}
+
+// writeAnswer writes a read's answer: raw when the cache gave its JSON
+// as it is (the JSON writeJSON would write for body), body otherwise.
+func writeAnswer(w http.ResponseWriter, r *http.Request, log *slog.Logger, body any, raw []byte, err error) {
+	switch {
+	case err != nil:
+		writeFailure(w, r, log, err)
+	case raw != nil:
+		writeRaw(w, http.StatusOK, append(raw, '\n'))
+	default:
+		writeJSON(w, http.StatusOK, body)
+	}
 }
 
 func handleTypes(log *slog.Logger, q *reader) http.Handler {

@@ -50,8 +50,15 @@ type typeInfo struct {
 
 // summary answers over [from, to) (whole seconds; nil for an open end).
 func (q *reader) summary(ctx context.Context, typ string, from, to *int64) (summaryBody, error) {
+	body, _, err := q.summaryAnswer(ctx, typ, from, to, false)
+	return body, err
+}
+
+// summaryAnswer is summary for a handler: with rawOK, an answer cached in
+// Redis comes as its JSON.
+func (q *reader) summaryAnswer(ctx context.Context, typ string, from, to *int64, rawOK bool) (summaryBody, []byte, error) {
 	key := "s|" + optBound(from) + "|" + optBound(to)
-	return cachedRead(ctx, q.cache, typ, key, func(ctx context.Context) (summaryBody, uint64, error) {
+	return cachedRead(ctx, q.cache, typ, key, rawOK, func(ctx context.Context) (summaryBody, uint64, error) {
 		acc, version, err := q.window(ctx, typ, from, to)
 		return summaryBody{Type: typ, aggregateValues: acc.values()}, version, err
 	})
@@ -126,10 +133,11 @@ func bucketsIn(spans []span) int64 {
 	return n
 }
 
-// series answers one point per step of p.
-func (q *reader) series(ctx context.Context, typ string, p seriesPlan) (seriesBody, error) {
+// series answers one point per step of p; with rawOK, an answer cached in
+// Redis comes as its JSON.
+func (q *reader) series(ctx context.Context, typ string, p seriesPlan, rawOK bool) (seriesBody, []byte, error) {
 	key := "r|" + strconv.FormatInt(p.from, 10) + "|" + strconv.FormatInt(p.to, 10) + "|" + strconv.FormatInt(p.step, 10)
-	return cachedRead(ctx, q.cache, typ, key, func(ctx context.Context) (seriesBody, uint64, error) {
+	return cachedRead(ctx, q.cache, typ, key, rawOK, func(ctx context.Context) (seriesBody, uint64, error) {
 		body := seriesBody{Type: typ, From: formatTime(p.from), To: formatTime(p.to), Step: formatStep(p.step)}
 		m, buckets, err := q.store.read(ctx, typ, []span{{res: p.res, start: p.from, end: p.to, left: true}})
 		if err != nil {
