@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"math"
 	"strconv"
 	"strings"
@@ -110,7 +111,7 @@ func (q *reader) window(ctx context.Context, typ string, from, to *int64) (aggre
 		return acc, 0, err
 	}
 	anchor := m.anchor(q.now().UnixMicro())
-	if _, err := q.horizon.clip(spans, anchor); err != nil {
+	if err := q.horizon.refuseAged(spans, anchor); err != nil {
 		return acc, 0, unprocessable("%s", err)
 	}
 	for i := range buckets {
@@ -139,22 +140,16 @@ func (q *reader) series(ctx context.Context, typ string, p seriesPlan, rawOK boo
 	key := "r|" + strconv.FormatInt(p.from, 10) + "|" + strconv.FormatInt(p.to, 10) + "|" + strconv.FormatInt(p.step, 10)
 	return cachedRead(ctx, q.cache, typ, key, rawOK, func(ctx context.Context) (seriesBody, uint64, error) {
 		body := seriesBody{Type: typ, From: formatTime(p.from), To: formatTime(p.to), Step: formatStep(p.step)}
-		m, buckets, err := q.store.read(ctx, typ, []span{{res: p.res, start: p.from, end: p.to, left: true}})
+		spans := []span{{res: p.res, start: p.from, end: p.to, left: true}}
+		m, buckets, err := q.store.read(ctx, typ, spans)
 		if err != nil {
 			return body, 0, err
 		}
 		anchor := m.anchor(q.now().UnixMicro())
-		if m.version > 0 {
-			if first := q.horizon.firstKept(p.res, anchor); p.from < first {
-				last := min(first, p.to) - 1 // the newest second dropped
-				for c := p.res + 1; c < numRes; c++ {
-					if q.horizon.keeps(c, floorTo(last, c.seconds()), anchor) {
-						since := q.horizon.firstKept(c-1, anchor)
-						return body, 0, unprocessable("from: data before %s is kept per %s; start at %s or later, or use a step of whole %ss",
-							formatTime(since), c.unit(), formatTime(first), c.unit())
-					}
-				}
-			}
+		var aged *agedError
+		if err := q.horizon.refuseAged(spans, anchor); errors.As(err, &aged) {
+			return body, 0, unprocessable("from: data before %s is kept per %s; start at %s or later, or use a step of whole %ss",
+				formatTime(aged.since), aged.res.unit(), formatTime(aged.kept), aged.res.unit())
 		}
 		body.Points = make([]seriesPoint, 0, p.points())
 		var acc aggregateAcc

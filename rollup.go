@@ -203,6 +203,7 @@ type agedError struct {
 	bound string     // "from" or "to"
 	res   resolution // the coarser resolution still kept there
 	since int64      // data before this second is kept per res only
+	kept  int64      // the first second the bound's own resolution keeps
 }
 
 func (e *agedError) Error() string {
@@ -210,36 +211,34 @@ func (e *agedError) Error() string {
 		e.bound, formatTime(e.since), e.res.unit(), e.bound, e.res.unit())
 }
 
-// clip drops from spans the buckets retention no longer keeps at anchor.
-// Where a dropped bucket's time is still covered by a coarser resolution
-// it refuses with an agedError instead: the samples are there, only not
-// at the detail the window needs. Where no resolution keeps that time any
-// more, the data has aged out entirely and the window simply excludes it.
-// The coarser resolutions are asked about the last second dropped, the
-// newest, since the coarser ones keep that one the longest.
-func (h retention) clip(spans []span, anchor int64) ([]span, error) {
-	out := spans[:0:0]
+// refuseAged refuses, with an agedError, spans that reach back where
+// their resolution has aged out at anchor while a coarser one still keeps
+// that time: the samples are there, only not at the detail asked for.
+// Where no resolution keeps a time any more, the data has aged out
+// entirely, and the reader simply leaves out the buckets retention no
+// longer keeps. The coarser resolutions are asked about the last second
+// aged out, the newest, since the coarser ones keep that one the longest.
+func (h retention) refuseAged(spans []span, anchor int64) error {
 	for _, s := range spans {
-		if s.res != resAll {
-			if first := h.firstKept(s.res, anchor); s.start < first {
-				last := min(first, s.end) - 1
-				for c := s.res + 1; c < numRes; c++ {
-					if h.keeps(c, floorTo(last, c.seconds()), anchor) {
-						bound := "to"
-						if s.left {
-							bound = "from"
-						}
-						return nil, &agedError{bound: bound, res: c, since: h.firstKept(c-1, anchor)}
-					}
+		if s.res == resAll {
+			continue
+		}
+		first := h.firstKept(s.res, anchor)
+		if s.start >= first {
+			continue
+		}
+		last := min(first, s.end) - 1
+		for c := s.res + 1; c < numRes; c++ {
+			if h.keeps(c, floorTo(last, c.seconds()), anchor) {
+				bound := "to"
+				if s.left {
+					bound = "from"
 				}
-				s.start = min(first, s.end)
+				return &agedError{bound: bound, res: c, since: h.firstKept(c-1, anchor), kept: first}
 			}
 		}
-		if s.start < s.end {
-			out = append(out, s)
-		}
 	}
-	return out, nil
+	return nil
 }
 
 // Series limits: Prometheus's cap on points per answer, and a bound on the

@@ -73,35 +73,35 @@ func TestRetentionKeeps(t *testing.T) {
 	}
 }
 
-func TestClipRefusesWhereOnlyCoarserRemains(t *testing.T) {
+func TestRefuseAgedWhereOnlyCoarserRemains(t *testing.T) {
 	h := retention{3600, 7 * 86400, 90 * 86400, 0}
 	anchor := testEpoch.Unix() + 30*86400
 	from := anchor - 2*3600 + 17 // its seconds have aged out, its minutes not
-	_, err := h.clip(planWindow(from, anchor), anchor)
+	err := h.refuseAged(planWindow(from, anchor), anchor)
 	ae, ok := err.(*agedError)
-	if !ok || ae.bound != "from" || ae.res != res1m {
-		t.Fatalf("clip of a window from 2h ago at second 17 = %v, want an agedError for from, per minute", err)
+	if !ok || ae.bound != "from" || ae.res != res1m || ae.kept != h.firstKept(res1s, anchor) {
+		t.Fatalf("refuseAged of a window from 2h ago at second 17 = %v, want an agedError for from, per minute", err)
 	}
 	if msg := ae.Error(); !strings.Contains(msg, "from: data before") || !strings.Contains(msg, "align from to a whole minute") {
 		t.Errorf("message %q does not say what to do", msg)
 	}
 	// Aligned to the minute, it is exact and accepted.
-	if _, err := h.clip(planWindow(floorTo(from, 60), anchor), anchor); err != nil {
-		t.Errorf("clip of the minute-aligned window = %v, want nil", err)
+	if err := h.refuseAged(planWindow(floorTo(from, 60), anchor), anchor); err != nil {
+		t.Errorf("refuseAged of the minute-aligned window = %v, want nil", err)
 	}
 	// Days kept for a year, hours for 90 days: an hourly span from 400
 	// days ago has days to offer for most of its aged part, so it is
 	// refused rather than answered with zeros there.
 	yearly := retention{3600, 7 * 86400, 90 * 86400, 365 * 86400}
 	start := floorTo(anchor-400*86400, 3600)
-	if _, err := yearly.clip([]span{{res1h, start, floorTo(anchor, 3600), true}}, anchor); err == nil {
-		t.Error("clip of hours from 400 days ago with days kept a year = nil, want an agedError")
+	if err := yearly.refuseAged([]span{{res1h, start, floorTo(anchor, 3600), true}}, anchor); err == nil {
+		t.Error("refuseAged of hours from 400 days ago with days kept a year = nil, want an agedError")
 	}
-	// Where nothing keeps the time at all, the window just excludes it.
+	// Where nothing keeps the time at all, there is nothing to refuse:
+	// the reader leaves those buckets out (TestIngestRefusesByTime).
 	gone := retention{60, 120, 3600, 86400}
-	spans, err := gone.clip(planWindow(anchor-10*86400+5, anchor), anchor)
-	if err != nil || len(spans) == 0 || spans[0].start < gone.firstKept(spans[0].res, anchor) {
-		t.Errorf("clip where everything aged out = %v, %v; want the kept part only", spans, err)
+	if err := gone.refuseAged(planWindow(anchor-10*86400+5, anchor), anchor); err != nil {
+		t.Errorf("refuseAged where everything aged out = %v, want nil", err)
 	}
 }
 

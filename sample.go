@@ -282,9 +282,11 @@ type typeMeta struct {
 
 // anchor is the second retention is measured back from: the earlier of
 // the type's newest sample and now (Unix microseconds).
-func (m typeMeta) anchor(now int64) int64 {
-	return floorDiv(min(m.newest, now), 1_000_000)
-}
+func (m typeMeta) anchor(now int64) int64 { return anchorOf(m.newest, now) }
+
+// anchorOf is the anchor of a type whose newest sample is newest, at now
+// (both Unix microseconds), in Unix seconds.
+func anchorOf(newest, now int64) int64 { return floorDiv(min(newest, now), 1_000_000) }
 
 // storedBucket is one bucket as a store holds it. Its bins are either
 // packed (the memory store's form) or a list (as Redis returns them).

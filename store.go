@@ -91,7 +91,7 @@ func (m *memoryStore) add(_ context.Context, batches []typeBatch, now time.Time)
 	// type is created keeps a refused ingest from taking MAX_TYPES room.
 	for _, b := range batches {
 		if t := m.lookup(b.typ); t == nil {
-			if anchor := floorDiv(min(b.newest, now.UnixMicro()), 1_000_000); b.keepUntil <= anchor {
+			if anchor := anchorOf(b.newest, now.UnixMicro()); b.keepUntil <= anchor {
 				return &tooOldError{typ: b.typ, anchor: anchor}
 			}
 		}
@@ -117,7 +117,7 @@ func (m *memoryStore) add(_ context.Context, batches []typeBatch, now time.Time)
 		if t.version.Load() > 0 {
 			newest = max(newest, t.newest)
 		}
-		anchors[i] = floorDiv(min(newest, now.UnixMicro()), 1_000_000)
+		anchors[i] = anchorOf(newest, now.UnixMicro())
 		if b.keepUntil <= anchors[i] {
 			m.release(reserved)
 			return &tooOldError{typ: b.typ, anchor: anchors[i]}
@@ -294,7 +294,7 @@ func (m *memoryStore) sweep(now time.Time) {
 	m.byName.Range(func(_, v any) bool {
 		t := v.(*memType)
 		t.mu.Lock()
-		anchor := floorDiv(min(t.newest, now.UnixMicro()), 1_000_000)
+		anchor := anchorOf(t.newest, now.UnixMicro())
 		for r := res1s; r < numRes; r++ {
 			first := m.horizon.firstKept(r, anchor)
 			list := t.buckets[r]

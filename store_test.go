@@ -350,6 +350,16 @@ func TestRetentionDropsBuckets(t *testing.T) {
 		if v, _, err := summarize(e.b, "cpu", window{from, to}); err != nil || v.Count != 2 {
 			t.Errorf("the minute-aligned window = %+v, %v; want both samples", v, err)
 		}
+		// A series at seconds from there is refused the same way, and says
+		// how to move it.
+		plan, err := planSeries(t0, to, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := e.b.reader.series(ctx, "cpu", plan, false); err == nil || !strings.Contains(err.Error(), "kept per minute") ||
+			!strings.Contains(err.Error(), "use a step of whole minutes") {
+			t.Errorf("a per-second series from a second whose detail aged out = %v, want 422 saying it is kept per minute", err)
+		}
 	})
 }
 
