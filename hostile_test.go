@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -268,8 +269,10 @@ func checkAgainstBody(t *testing.T, body []byte, i int, s sample, item map[strin
 
 // checkStored adds samples to a fresh memory store and checks every
 // type's summaries against sums computed here. The all-time total adds a
-// type's samples in the order given, so its sum is compared exactly; a
-// window adds up buckets, so its sum is compared to within rounding.
+// type's samples in time order (in the order given within a second), so
+// its sum is compared exactly with the same additions; a window adds up
+// buckets, so its sum is compared to within the rounding of that many
+// additions, bounded by the sum of the magnitudes.
 func checkStored(t *testing.T, body []byte, samples []sample) {
 	t.Helper()
 	cfg := testConfig(t)
@@ -280,17 +283,22 @@ func checkStored(t *testing.T, body []byte, samples []sample) {
 		t.Fatalf("add(parseSamples(%q)) = %v, want nil", body, err)
 	}
 	w := window{math.MaxInt64, math.MinInt64}
+	magnitude := map[string]float64{}
 	for _, s := range samples {
 		w.from, w.to = min(w.from, s.second()), max(w.to, s.second()+1)
+		magnitude[s.typ] += math.Abs(s.value)
 	}
-	for typ, want := range expectedSummaries(samples) {
+	inTimeOrder := slices.Clone(samples)
+	slices.SortStableFunc(inTimeOrder, func(a, b sample) int { return cmp.Compare(a.second(), b.second()) })
+	for typ, want := range expectedSummaries(inTimeOrder) {
 		got, _, err := summarize(b, typ, allTime)
 		if err != nil || got.Count != want.count || got.Sum != finite(want.sum) || *got.Min != want.min || *got.Max != want.max {
 			t.Fatalf("body %q: summarize(%s, all time) = %+v, %v, want %+v", body, typ, got, err, want)
 		}
+		rounding := float64(want.count) * 1e-15 * magnitude[typ]
 		got, _, err = summarize(b, typ, w)
 		if err != nil || got.Count != want.count || *got.Min != want.min || *got.Max != want.max ||
-			math.Abs(got.Sum-want.sum) > 1e-9*math.Abs(want.sum)+1e-300 && !math.IsInf(want.sum, 0) {
+			math.Abs(got.Sum-want.sum) > rounding && !math.IsInf(want.sum, 0) {
 			t.Fatalf("body %q: summarize(%s, [%d, %d)) = %+v, %v, want %+v", body, typ, w.from, w.to, got, err, want)
 		}
 	}
