@@ -458,3 +458,48 @@ func runWrk(b *testing.B, wrk, url, script string, secs int) (rate, failed float
 	}
 	return (total - bad) / elapsed, bad / total
 }
+
+// BenchmarkIngestPath is the work of one batch ingest without HTTP: the
+// bodies of the batch scenarios of BenchmarkHTTP parsed, aggregated and
+// added to the memory store, for CPU profiles of the path.
+//
+//	go test -run '^$' -bench IngestPath -cpuprofile cpu.out
+func BenchmarkIngestPath(b *testing.B) {
+	body := func(n int, item func(i int) string) []byte {
+		items := make([]string, n)
+		for i := range items {
+			items[i] = item(i + 1)
+		}
+		return []byte("[" + strings.Join(items, ",") + "]")
+	}
+	bodies := []struct {
+		name string
+		n    int
+		body []byte
+	}{
+		{"10000-one-type", 10000, body(10000, func(i int) string {
+			return fmt.Sprintf(`{"timestamp":"2025-01-01T10:00:%02d.%04dZ","value":%g,"type":"cpu"}`, i%60, i, float64(i%500)/4)
+		})},
+		{"1000-16-types", 1000, body(1000, func(i int) string {
+			return fmt.Sprintf(`{"timestamp":"2025-01-01T10:%02d:%02dZ","value":%d,"type":"type%d"}`, i/60%60, i%60, i, i%16+1)
+		})},
+	}
+	cfg := testConfig(b)
+	at := time.Date(2025, 1, 1, 11, 0, 0, 0, time.UTC)
+	for _, bd := range bodies {
+		b.Run(bd.name, func(b *testing.B) {
+			s := newMemoryStore(cfg.Retention, cfg.MaxTypes)
+			b.SetBytes(int64(len(bd.body)))
+			for b.Loop() {
+				samples, _, err := parseSamples(bd.body, cfg.MaxBatch)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if err := s.add(b.Context(), aggregate(samples, cfg.Retention), at); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(b.N*bd.n)/b.Elapsed().Seconds(), "samples/s")
+		})
+	}
+}

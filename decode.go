@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"strconv"
 )
 
@@ -25,6 +26,9 @@ func scanSamples(body []byte, maxBatch int) (samples []sample, batch bool, ok bo
 		return nil, false, false
 	}
 	types := map[string]string{} // one string per type name in the batch
+	// No object the fast path takes is shorter than minObjectBytes, so this
+	// is room for every sample, however the body is spaced.
+	samples = make([]sample, 0, min(maxBatch, len(body)/minObjectBytes+1))
 	for {
 		s.space()
 		smp, ok := s.object(types)
@@ -43,6 +47,10 @@ func scanSamples(body []byte, maxBatch int) (samples []sample, batch bool, ok bo
 	s.space()
 	return samples, true, s.i == len(s.b)
 }
+
+// minObjectBytes is the length of the shortest object the fast path takes:
+// {"timestamp":"2025-01-01T10:00:00","value":0,"type":"a"}.
+const minObjectBytes = 56
 
 // scanner walks a JSON text; its methods report false at the first byte
 // that is not what the fast path expects.
@@ -67,41 +75,76 @@ func (s *scanner) take(c byte) bool {
 }
 
 func (s *scanner) space() {
+	if s.i < len(s.b) && s.b[s.i] > ' ' {
+		return // the usual case: no space at all
+	}
 	for s.i < len(s.b) && (s.b[s.i] == ' ' || s.b[s.i] == '\t' || s.b[s.i] == '\n' || s.b[s.i] == '\r') {
 		s.i++
 	}
 }
 
-// str reads a string without escapes or control characters.
-func (s *scanner) str() ([]byte, bool) {
+// keyHint tells "timestamp", "value" and "type" apart by their first
+// letters: 'i' (ti), 'v', 'y' (ty), or 0.
+func (s *scanner) keyHint() byte {
+	if s.i+2 >= len(s.b) || s.b[s.i] != '"' {
+		return 0
+	}
+	switch s.b[s.i+1] {
+	case 'v':
+		return 'v'
+	case 't':
+		return s.b[s.i+2]
+	}
+	return 0
+}
+
+// key reads the object key k (quoted, as it is written) and the colon
+// after it, or nothing.
+func (s *scanner) key(k string) bool {
+	if !bytes.HasPrefix(s.b[s.i:], []byte(k)) {
+		return false
+	}
+	s.i += len(k)
+	s.space()
+	if !s.take(':') {
+		return false
+	}
+	s.space()
+	return true
+}
+
+// raw reads a string value up to the next quote, escapes and all: its
+// caller checks its characters, which never include a backslash, so an
+// escaped quote is never taken for the end.
+func (s *scanner) raw() ([]byte, bool) {
 	if !s.take('"') {
 		return nil, false
 	}
-	for j := s.i; j < len(s.b); j++ {
-		switch c := s.b[j]; {
-		case c == '"':
-			v := s.b[s.i:j]
-			s.i = j + 1
-			return v, true
-		case c == '\\' || c < 0x20:
-			return nil, false
-		}
+	n := bytes.IndexByte(s.b[s.i:], '"')
+	if n < 0 {
+		return nil, false
 	}
-	return nil, false
+	v := s.b[s.i : s.i+n]
+	s.i += n + 1
+	return v, true
 }
 
 // num reads a number in JSON's grammar, which is narrower than
 // strconv.ParseFloat's (no "Inf", hex, underscores or leading "+").
 func (s *scanner) num() (float64, bool) {
 	start := s.i
-	s.take('-')
+	neg := s.take('-')
+	intStart := s.i
 	switch {
 	case s.take('0'):
 	case s.digits() == 0:
 		return 0, false
 	}
-	if s.take('.') && s.digits() == 0 {
-		return 0, false
+	intEnd, fracDigits := s.i, 0
+	if s.take('.') {
+		if fracDigits = s.digits(); fracDigits == 0 {
+			return 0, false
+		}
 	}
 	if s.take('e') || s.take('E') {
 		if !s.take('+') {
@@ -110,10 +153,27 @@ func (s *scanner) num() (float64, bool) {
 		if s.digits() == 0 {
 			return 0, false
 		}
+	} else if digits := intEnd - intStart + fracDigits; digits <= 15 {
+		// Fifteen digits are an integer below 2^53, so float64 holds it and
+		// 10^fracDigits exactly, and one division rounds correctly: the
+		// exact fast path strconv takes too, without its parsing.
+		m := 0.0
+		for _, c := range s.b[intStart:s.i] {
+			if c != '.' {
+				m = m*10 + float64(c-'0')
+			}
+		}
+		v := m / pow10[fracDigits]
+		if neg {
+			v = -v
+		}
+		return v, true
 	}
 	v, err := strconv.ParseFloat(string(s.b[start:s.i]), 64)
 	return v, err == nil
 }
+
+var pow10 = [16]float64{1, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15}
 
 func (s *scanner) digits() int {
 	n := 0
@@ -125,7 +185,8 @@ func (s *scanner) digits() int {
 }
 
 // object reads one metric object. types, when not nil, holds the type
-// names already seen, so a batch allocates each name once.
+// names already seen (and valid), so a batch allocates and checks each
+// name once.
 func (s *scanner) object(types map[string]string) (sample, bool) {
 	if !s.take('{') {
 		return sample{}, false
@@ -137,28 +198,31 @@ func (s *scanner) object(types map[string]string) (sample, bool) {
 	)
 	for {
 		s.space()
-		key, ok := s.str()
-		if !ok {
-			return sample{}, false
-		}
-		s.space()
-		if !s.take(':') {
-			return sample{}, false
-		}
-		s.space()
 		var bit int
-		switch string(key) {
-		case "timestamp":
-			ts, ok = s.str()
+		ok := false
+		// The byte after the quote tells the keys apart, so each object key
+		// is compared once.
+		switch s.keyHint() {
+		case 'i':
+			if !s.key(`"timestamp"`) {
+				return sample{}, false
+			}
+			ts, ok = s.raw()
 			bit = 1
-		case "value":
+		case 'v':
+			if !s.key(`"value"`) {
+				return sample{}, false
+			}
 			v, ok = s.num()
 			bit = 2
-		case "type":
-			typ, ok = s.str()
+		case 'y':
+			if !s.key(`"type"`) {
+				return sample{}, false
+			}
+			typ, ok = s.raw()
 			bit = 4
 		default:
-			return sample{}, false // unknown fields take the general path
+			return sample{}, false // other keys take the general path
 		}
 		if !ok || seen&bit != 0 {
 			return sample{}, false // a repeated key takes the general path
@@ -178,10 +242,108 @@ func (s *scanner) object(types map[string]string) (sample, bool) {
 	name, ok := types[string(typ)]
 	if !ok {
 		name = string(typ)
+		if validType(name) != nil {
+			return sample{}, false
+		}
 		if types != nil {
 			types[name] = name
 		}
 	}
-	smp, err := checkSample(string(ts), v, name)
-	return smp, err == nil
+	at, ok := quickTimestamp(ts)
+	if !ok {
+		return sample{}, false // an unusual timestamp takes the general path
+	}
+	v, err := checkValue(v)
+	return sample{typ: name, at: at, value: v}, err == nil
+}
+
+// quickTimestamp reads the usual timestamp shape, as Unix microseconds:
+// 2025-01-01T10:00:00, then up to nine fraction digits after a '.', then
+// nothing, Z or an offset such as +02:00 ('t' and 'z' in either case).
+// It gives what parseTimestamp gives for these, without allocating; ok is
+// false for anything else, including dates out of range, which then take
+// the general path (and its error message). The fuzz target checks both.
+func quickTimestamp[T string | []byte](s T) (at int64, ok bool) {
+	if len(s) < 19 || s[4] != '-' || s[7] != '-' || s[10]|0x20 != 't' || s[13] != ':' || s[16] != ':' {
+		return 0, false
+	}
+	for _, i := range [...]int{0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18} {
+		if s[i]-'0' > 9 {
+			return 0, false
+		}
+	}
+	two := func(i int) int { return int(s[i]-'0')*10 + int(s[i+1]-'0') }
+	year, month, day := two(0)*100+two(2), two(5), two(8)
+	hour, minute, sec := two(11), two(14), two(17)
+	if month < 1 || month > 12 || day < 1 || day > daysInMonth(year, month) || hour > 23 || minute > 59 || sec > 59 {
+		return 0, false
+	}
+	rest := s[19:]
+	micros := 0
+	if len(rest) > 0 && rest[0] == '.' {
+		n, frac := 1, 0
+		for ; n < len(rest) && rest[n]-'0' <= 9; n++ {
+			frac = frac*10 + int(rest[n]-'0')
+		}
+		if n == 1 || n > 10 {
+			return 0, false
+		}
+		for range 10 - n {
+			frac *= 10
+		}
+		micros = frac / 1000 // nanoseconds down to whole microseconds
+		rest = rest[n:]
+	}
+	offset := 0
+	switch {
+	case len(rest) == 0:
+	case len(rest) == 1 && rest[0]|0x20 == 'z':
+	case len(rest) == 6 && (rest[0] == '+' || rest[0] == '-') && rest[3] == ':':
+		if rest[1]-'0' > 9 || rest[2]-'0' > 9 || rest[4]-'0' > 9 || rest[5]-'0' > 9 {
+			return 0, false
+		}
+		oh, om := int(rest[1]-'0')*10+int(rest[2]-'0'), int(rest[4]-'0')*10+int(rest[5]-'0')
+		if oh > 23 || om > 59 {
+			return 0, false
+		}
+		offset = (oh*60 + om) * 60
+		if rest[0] == '-' {
+			offset = -offset
+		}
+	default:
+		return 0, false
+	}
+	secs := daysFromCivil(year, month, day)*86400 + int64(hour*3600+minute*60+sec-offset)
+	if secs < minTimestamp.Unix() || secs >= maxTimestamp.Unix() {
+		return 0, false
+	}
+	return secs*1_000_000 + int64(micros), true
+}
+
+func daysInMonth(year, month int) int {
+	switch month {
+	case 2:
+		if year%4 == 0 && (year%100 != 0 || year%400 == 0) {
+			return 29
+		}
+		return 28
+	case 4, 6, 9, 11:
+		return 30
+	}
+	return 31
+}
+
+// daysFromCivil is the number of days from 1970-01-01 to the given date of
+// the proleptic Gregorian calendar (Howard Hinnant's algorithm), for years
+// from 1 on.
+func daysFromCivil(year, month, day int) int64 {
+	if month <= 2 {
+		year--
+	}
+	era := year / 400
+	yoe := year - era*400
+	mp := (month + 9) % 12
+	doy := (153*mp+2)/5 + day - 1
+	doe := yoe*365 + yoe/4 - yoe/100 + doy
+	return int64(era)*146097 + int64(doe) - 719468
 }

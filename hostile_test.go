@@ -3,13 +3,13 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"math"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -172,6 +172,15 @@ func FuzzParseSamples(f *testing.F) {
 				t.Fatalf("scanSamples(%q) = %v, batch %v; encoding/json reads %v, batch %v, %v", body, fast, fastBatch, slow, slowBatch, err)
 			}
 		}
+		// Nothing parsed may point into the body, whose buffer is reused.
+		scratch := slices.Clone(body)
+		again, _, _ := parseSamples(scratch, maxBatch)
+		for i := range scratch {
+			scratch[i] = 'x'
+		}
+		if !slices.Equal(again, samples) {
+			t.Fatalf("parseSamples(%q) = %v, then %v once the body was overwritten", body, samples, again)
+		}
 		if err != nil {
 			// Anything but a requestError would be answered 503 and logged
 			// as a store failure.
@@ -205,6 +214,84 @@ func FuzzParseSamples(f *testing.F) {
 		}
 		checkStored(t, body, samples)
 	})
+}
+
+// FuzzQuickTimestamp checks the fast timestamp reading against the time
+// package's wherever it answers.
+func FuzzQuickTimestamp(f *testing.F) {
+	for _, s := range []string{
+		"2025-01-01T10:00:00Z", "2025-01-01t10:00:00.123456789z", "2024-02-29T23:59:59+23:59",
+		"2023-02-29T00:00:00", "1900-01-01T00:00:00+00:01", "2199-12-31T23:59:59.999999-00:01",
+		"2025-01-01T10:00:00.1234567891Z", "2025-01-01T24:00:00Z", "2025-01-01T10:00:00+24:00",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		quick, ok := quickTimestamp(s)
+		if !ok {
+			return
+		}
+		if general, err := generalTimestamp(s); err != nil || general != quick {
+			t.Fatalf("quickTimestamp(%q) = %d; the time package reads %d, %v", s, quick, general, err)
+		}
+		if b, ok := quickTimestamp([]byte(s)); !ok || b != quick {
+			t.Fatalf("quickTimestamp([]byte(%q)) = %d, %v; as a string %d", s, b, ok, quick)
+		}
+	})
+}
+
+// TestQuickTimestamp reads random timestamps of every shape the fast
+// reading takes, near the edges of each field too, and compares them with
+// the time package's reading; a shape it does not take must not change the
+// answer either.
+func TestQuickTimestamp(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 7))
+	pick := func(lo, hi int) int {
+		if rng.IntN(4) == 0 { // an edge, or just past it
+			return []int{lo, hi, lo - 1, hi + 1}[rng.IntN(4)]
+		}
+		return lo + rng.IntN(hi-lo+1)
+	}
+	check := func(s string) bool {
+		general, gerr := generalTimestamp(s)
+		quick, ok := quickTimestamp(s)
+		if ok && (gerr != nil || general != quick) {
+			t.Fatalf("quickTimestamp(%q) = %d; the time package reads %d, %v", s, quick, general, gerr)
+		}
+		if got, err := parseTimestamp(s); got != general || (err == nil) != (gerr == nil) {
+			t.Fatalf("parseTimestamp(%q) = %d, %v; the time package reads %d, %v", s, got, err, general, gerr)
+		}
+		return ok
+	}
+	for _, s := range []string{
+		"1900-02-29T00:00:00Z", "2100-02-29T00:00:00Z", "2000-02-29T00:00:00Z", "2024-02-29T12:00:00Z",
+		"2025-04-31T00:00:00Z", "2025-12-31T23:59:59.999999999Z", "2199-12-31T23:59:59.999999Z",
+		"2200-01-01T00:00:00+00:01", "1900-01-01T00:00:00+00:01", "1900-01-01T00:00:00-00:01",
+	} {
+		check(s)
+	}
+	taken := 0
+	for range 200_000 {
+		s := fmt.Sprintf("%04d-%02d-%02d%c%02d:%02d:%02d", max(0, pick(1899, 2200)), max(0, pick(1, 12)), max(0, pick(1, 31)),
+			"Tt"[rng.IntN(2)], max(0, pick(0, 23)), max(0, pick(0, 59)), max(0, pick(0, 59)))
+		if rng.IntN(2) == 0 {
+			s += "." + strconv.FormatUint(rng.Uint64(), 10)[:1+rng.IntN(10)]
+		}
+		switch rng.IntN(4) {
+		case 0:
+			s += []string{"Z", "z"}[rng.IntN(2)]
+		case 1:
+			s += fmt.Sprintf("%c%02d:%02d", "+-"[rng.IntN(2)], max(0, pick(0, 23)), max(0, pick(0, 59)))
+		case 2:
+			s += []string{"+0200", "+02", " ", "ZZ"}[rng.IntN(4)]
+		}
+		if check(s) {
+			taken++
+		}
+	}
+	if taken < 50_000 {
+		t.Fatalf("the fast reading took %d of 200,000 timestamps, want most of the valid ones", taken)
+	}
 }
 
 // oracleItems decodes an accepted body with a generic decoder: its metric
@@ -268,11 +355,10 @@ func checkAgainstBody(t *testing.T, body []byte, i int, s sample, item map[strin
 }
 
 // checkStored adds samples to a fresh memory store and checks every
-// type's summaries against sums computed here. The all-time total adds a
-// type's samples in time order (in the order given within a second), so
-// its sum is compared exactly with the same additions; a window adds up
-// buckets, so its sum is compared to within the rounding of that many
-// additions, bounded by the sum of the magnitudes.
+// type's summaries against sums computed here. The store adds a second's
+// samples, then seconds into minutes and so on up, so a sum is compared
+// to within the rounding of that many additions, bounded by the sum of
+// the magnitudes; count, min and max exactly.
 func checkStored(t *testing.T, body []byte, samples []sample) {
 	t.Helper()
 	cfg := testConfig(t)
@@ -288,18 +374,14 @@ func checkStored(t *testing.T, body []byte, samples []sample) {
 		w.from, w.to = min(w.from, s.second()), max(w.to, s.second()+1)
 		magnitude[s.typ] += math.Abs(s.value)
 	}
-	inTimeOrder := slices.Clone(samples)
-	slices.SortStableFunc(inTimeOrder, func(a, b sample) int { return cmp.Compare(a.second(), b.second()) })
-	for typ, want := range expectedSummaries(inTimeOrder) {
-		got, _, err := summarize(b, typ, allTime)
-		if err != nil || got.Count != want.count || got.Sum != finite(want.sum) || *got.Min != want.min || *got.Max != want.max {
-			t.Fatalf("body %q: summarize(%s, all time) = %+v, %v, want %+v", body, typ, got, err, want)
-		}
+	for typ, want := range expectedSummaries(samples) {
 		rounding := float64(want.count) * 1e-15 * magnitude[typ]
-		got, _, err = summarize(b, typ, w)
-		if err != nil || got.Count != want.count || *got.Min != want.min || *got.Max != want.max ||
-			math.Abs(got.Sum-want.sum) > rounding && !math.IsInf(want.sum, 0) {
-			t.Fatalf("body %q: summarize(%s, [%d, %d)) = %+v, %v, want %+v", body, typ, w.from, w.to, got, err, want)
+		for _, w := range []window{allTime, w} {
+			got, _, err := summarize(b, typ, w)
+			if err != nil || got.Count != want.count || *got.Min != want.min || *got.Max != want.max ||
+				math.Abs(got.Sum-want.sum) > rounding {
+				t.Fatalf("body %q: summarize(%s, %v) = %+v, %v, want %+v", body, typ, w, got, err, want)
+			}
 		}
 	}
 }

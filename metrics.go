@@ -19,8 +19,9 @@ import (
 var storedOne = []byte(`{"message":"Metric stored successfully"}` + "\n")
 
 func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStore, now func() time.Time) http.Handler {
+	var bodies bodyBuffers
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		samples, batch, err := readSamples(w, r, cfg)
+		samples, batch, err := readSamples(w, r, cfg, &bodies)
 		t := now()
 		if err == nil {
 			err = checkFuture(samples, batch, t, cfg.MaxFuture, tel)
@@ -153,7 +154,7 @@ func handleTypes(log *slog.Logger, q *reader) http.Handler {
 
 // readSamples reads and validates the body of an ingest: one metric object
 // or an array of them. It reports whether the body was an array.
-func readSamples(w http.ResponseWriter, r *http.Request, cfg config) ([]sample, bool, error) {
+func readSamples(w http.ResponseWriter, r *http.Request, cfg config, bodies *bodyBuffers) ([]sample, bool, error) {
 	if ct := r.Header.Get("Content-Type"); ct != "" && ct != "application/json" {
 		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
 			return nil, false, &requestError{http.StatusUnsupportedMediaType, "Content-Type must be application/json"}
@@ -166,16 +167,15 @@ func readSamples(w http.ResponseWriter, r *http.Request, cfg config) ([]sample, 
 		return nil, false, tooLarge() // refused before reading a byte of it
 	}
 	// The body grows as it arrives, so a slow client declaring a large
-	// one holds no more memory than it has sent.
-	var buf bytes.Buffer
-	_, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, cfg.MaxBodyBytes))
-	body := buf.Bytes()
+	// one holds no more memory than about twice what it has sent.
+	body, err := bodies.read(http.MaxBytesReader(w, r.Body, cfg.MaxBodyBytes))
 	if err != nil {
 		if mbe := (*http.MaxBytesError)(nil); errors.As(err, &mbe) {
 			return nil, false, tooLarge()
 		}
 		return nil, false, &requestError{http.StatusBadRequest, "could not read the body"}
 	}
+	defer bodies.release(body) // samples hold no part of it
 	return parseSamples(body, cfg.MaxBatch)
 }
 
@@ -355,16 +355,25 @@ func checkSample(timestamp string, v float64, typ string) (sample, error) {
 	if err != nil {
 		return sample{}, fmt.Errorf("timestamp %w", err)
 	}
-	if math.IsNaN(v) || math.Abs(v) > maxAbsValue {
-		return sample{}, fmt.Errorf("value must be a finite number of magnitude at most %g", maxAbsValue)
-	}
-	if v == 0 {
-		v = 0 // -0 is stored as 0, so a minimum never reads "-0"
+	if v, err = checkValue(v); err != nil {
+		return sample{}, err
 	}
 	if err := validType(typ); err != nil {
 		return sample{}, err
 	}
 	return sample{typ: typ, at: at, value: v}, nil
+}
+
+// checkValue refuses values no sum can hold, and stores -0 as 0, so a
+// minimum never reads "-0".
+func checkValue(v float64) (float64, error) {
+	if math.IsNaN(v) || math.Abs(v) > maxAbsValue {
+		return 0, fmt.Errorf("value must be a finite number of magnitude at most %g", maxAbsValue)
+	}
+	if v == 0 {
+		return 0, nil
+	}
+	return v, nil
 }
 
 // Timestamps are kept to the microsecond, which Redis sorted-set scores (a
@@ -377,6 +386,14 @@ var (
 // parseTimestamp accepts RFC 3339 with or without a zone; no zone means UTC.
 // RFC 3339 allows a lowercase "t" and "z", which Go's layout does not.
 func parseTimestamp(s string) (int64, error) {
+	if at, ok := quickTimestamp(s); ok {
+		return at, nil
+	}
+	return generalTimestamp(s)
+}
+
+// generalTimestamp is parseTimestamp by the time package, for any string.
+func generalTimestamp(s string) (int64, error) {
 	u := strings.ToUpper(s)
 	t, err := time.Parse(time.RFC3339Nano, u)
 	if err != nil {

@@ -79,128 +79,203 @@ type typeBatch struct {
 // type's samples into the buckets of every resolution, plus the running
 // total when h keeps days forever.
 func aggregate(samples []sample, h retention) []typeBatch {
-	byType := map[string][]int{}
-	for i, s := range samples {
-		byType[s.typ] = append(byType[s.typ], i)
+	// Positions grouped by type, by counting: a batch is often of one type,
+	// or of runs of one, so a run costs one map lookup, not one a sample.
+	runs := func(each func(typ string, from, to int)) {
+		for i := 0; i < len(samples); {
+			j := i + 1
+			for j < len(samples) && samples[j].typ == samples[i].typ {
+				j++
+			}
+			each(samples[i].typ, i, j)
+			i = j
+		}
 	}
-	names := make([]string, 0, len(byType))
-	for name := range byType {
+	count := map[string]int{}
+	runs(func(typ string, from, to int) { count[typ] += to - from })
+	names := make([]string, 0, len(count))
+	for name := range count {
 		names = append(names, name)
 	}
 	slices.Sort(names)
+	next := make(map[string]int, len(names))
+	at := 0
+	for _, name := range names {
+		next[name] = at
+		at += count[name]
+	}
+	idx := make([]int32, len(samples))
+	runs(func(typ string, from, to int) {
+		pos := next[typ]
+		for i := from; i < to; i++ {
+			idx[pos] = int32(i)
+			pos++
+		}
+		next[typ] = pos
+	})
+	a := newRollup(samples, h)
 	out := make([]typeBatch, len(names))
+	at = 0
 	for k, name := range names {
-		out[k] = aggregateType(samples, byType[name], h)
+		out[k] = a.typeBatch(idx[at : at+count[name]])
+		at += count[name]
 	}
 	return out
 }
 
-// aggregateType sums one type's samples (idx into samples) into buckets.
-// It walks the samples in time order (sorting them only when they came out
-// of order), so each resolution's buckets are runs; within a bucket, bins
-// are counted in an array indexed by code, with the codes it touched noted
-// so that emptying it costs what was put in.
-func aggregateType(samples []sample, idx []int, h retention) typeBatch {
-	first := samples[idx[0]]
-	b := typeBatch{typ: first.typ, samples: len(idx), first: first.at, newest: first.at, keepUntil: never}
-	codes := make([]int32, len(idx))
-	loCode, hiCode := int32(math.MaxInt32), int32(math.MinInt32)
-	sorted := true
-	for k, i := range idx {
-		s := samples[i]
-		b.first, b.newest = min(b.first, s.at), max(b.newest, s.at)
-		if s.value != 0 {
-			codes[k] = codeOf(s.value)
-			loCode, hiCode = min(loCode, codes[k]), max(hiCode, codes[k])
-		}
-		if k > 0 && s.second() < samples[idx[k-1]].second() {
-			sorted = false
-		}
-	}
-	order := secondOrder(samples, idx, sorted, floorDiv(b.first, 1_000_000), floorDiv(b.newest, 1_000_000))
+// rollup sums a batch's samples into buckets, one type at a time. It holds
+// each sample's second and bin code, and for each resolution (finest
+// first) the bucket being summed and a bin counter, reused from type to
+// type.
+type rollup struct {
+	samples  []sample
+	secs     []int64
+	codes    []int32
+	h        retention
+	levels   []resolution
+	cur      []bucketDelta
+	open     []bool
+	counters []binCounter
+	done     [][]bucketDelta // finished buckets, by level, in time order
+	arena    []binCount      // the bins of finished buckets, allocated together
+}
+
+func newRollup(samples []sample, h retention) *rollup {
 	levels := []resolution{res1s, res1m, res1h, res1d}
 	if h.forever() {
 		levels = append(levels, resAll)
 	}
-	widths := make([]int64, len(levels))
-	for l, r := range levels {
-		widths[l] = r.secondsOr1()
+	a := &rollup{
+		samples: samples, h: h, levels: levels,
+		secs: make([]int64, len(samples)), codes: make([]int32, len(samples)),
+		cur: make([]bucketDelta, len(levels)), open: make([]bool, len(levels)),
+		counters: make([]binCounter, len(levels)), done: make([][]bucketDelta, len(levels)),
+		arena: make([]binCount, 0, len(samples)),
 	}
-	builders := make([]binCounter, len(levels))
-	for l := range builders {
-		builders[l] = newBinCounter(loCode, hiCode, len(idx))
-	}
-	current := make([]bucketDelta, len(levels))
-	started := make([]bool, len(levels))
-	for _, k := range order {
-		s := samples[idx[k]]
-		sec := s.second()
-		if !h.forever() {
-			until := int64(math.MinInt64)
-			for r := res1s; r < numRes; r++ {
-				until = max(until, h.expiry(r, floorTo(sec, r.seconds())))
-			}
-			b.keepUntil = min(b.keepUntil, until)
-		}
-		for l, r := range levels {
-			d := &current[l]
-			if !started[l] || r != resAll && (sec < d.start || sec >= d.start+widths[l]) {
-				if started[l] {
-					b.deltas = append(b.deltas, builders[l].finish(*d))
-				}
-				start := int64(0)
-				if r != resAll {
-					start = floorTo(sec, widths[l])
-				}
-				*d, started[l] = bucketDelta{res: r, start: start}, true
-			}
-			d.stats.add(s.value)
-			if s.value == 0 {
-				d.zero++
-			} else {
-				builders[l].add(codes[k])
-			}
+	lo, hi := int32(math.MaxInt32), int32(math.MinInt32)
+	for i, s := range samples {
+		a.secs[i] = s.second()
+		if s.value != 0 {
+			a.codes[i] = codeOf(s.value)
+			lo, hi = min(lo, a.codes[i]), max(hi, a.codes[i])
 		}
 	}
 	for l := range levels {
-		b.deltas = append(b.deltas, builders[l].finish(current[l]))
+		a.counters[l] = newBinCounter(lo, hi, len(samples))
 	}
-	slices.SortFunc(b.deltas, func(x, y bucketDelta) int {
-		return cmp.Or(cmp.Compare(x.res, y.res), cmp.Compare(x.start, y.start))
-	})
+	return a
+}
+
+// typeBatch sums one type's samples (idx, positions in the batch in the
+// order given) into buckets. It walks them in time order (sorting only
+// when they came out of order), summing each second's samples into its 1 s
+// bucket; each finished bucket is added to the bucket of the next coarser
+// resolution that holds it, so a sample is added once and a bucket once
+// more.
+func (a *rollup) typeBatch(idx []int32) typeBatch {
+	first := a.samples[idx[0]]
+	b := typeBatch{typ: first.typ, samples: len(idx), first: first.at, newest: first.at, keepUntil: never}
+	sorted := true
+	for k, i := range idx {
+		at := a.samples[i].at
+		b.first, b.newest = min(b.first, at), max(b.newest, at)
+		sorted = sorted && (k == 0 || a.secs[i] >= a.secs[idx[k-1]])
+	}
+	if !a.h.forever() {
+		// Expiry grows with time, so the earliest sample goes first.
+		sec := floorDiv(b.first, 1_000_000)
+		b.keepUntil = math.MinInt64
+		for r := res1s; r < numRes; r++ {
+			b.keepUntil = max(b.keepUntil, a.h.expiry(r, floorTo(sec, r.seconds())))
+		}
+	}
+	if !sorted {
+		idx = secondOrder(idx, a.secs)
+	}
+	for _, i := range idx {
+		sec, v := a.secs[i], a.samples[i].value
+		if a.open[0] && a.cur[0].start != sec {
+			a.finish(0)
+		}
+		if !a.open[0] {
+			a.cur[0], a.open[0] = bucketDelta{res: res1s, start: sec}, true
+		}
+		a.cur[0].stats.add(v)
+		if v == 0 {
+			a.cur[0].zero++
+		} else {
+			a.counters[0].add(a.codes[i], 1)
+		}
+	}
+	for l := range a.levels {
+		if a.open[l] {
+			a.finish(l)
+		}
+	}
+	total := 0
+	for _, done := range a.done {
+		total += len(done)
+	}
+	b.deltas = make([]bucketDelta, 0, total)
+	for l, done := range a.done {
+		b.deltas = append(b.deltas, done...)
+		a.done[l] = done[:0]
+	}
 	return b
 }
 
-// secondOrder is the positions in idx in order of their samples' second,
-// keeping the given order within a second: by counting when the seconds
-// span little more than the samples, by sorting otherwise.
-func secondOrder(samples []sample, idx []int, sorted bool, lo, hi int64) []int {
-	order := make([]int, len(idx))
-	if sorted {
-		for k := range order {
-			order[k] = k
-		}
-		return order
+// finish closes level l's bucket and adds it to the next coarser level.
+func (a *rollup) finish(l int) {
+	var d bucketDelta
+	d, a.arena = a.counters[l].finish(a.cur[l], a.arena)
+	a.open[l] = false
+	a.done[l] = append(a.done[l], d)
+	if l+1 == len(a.levels) {
+		return
 	}
+	up, r := l+1, a.levels[l+1]
+	start := int64(0)
+	if r != resAll {
+		start = floorTo(d.start, r.seconds())
+	}
+	if a.open[up] && a.cur[up].start != start {
+		a.finish(up)
+	}
+	if !a.open[up] {
+		a.cur[up], a.open[up] = bucketDelta{res: r, start: start}, true
+	}
+	a.cur[up].merge(d.stats)
+	a.cur[up].zero += d.zero
+	for _, bc := range d.bins {
+		a.counters[up].add(bc.code, bc.n)
+	}
+}
+
+// secondOrder is idx in order of secs[idx[k]], keeping the given order
+// within a second: by counting when the seconds span little more than the
+// samples, by sorting otherwise.
+func secondOrder(idx []int32, secs []int64) []int32 {
+	lo, hi := int64(math.MaxInt64), int64(math.MinInt64)
+	for _, i := range idx {
+		lo, hi = min(lo, secs[i]), max(hi, secs[i])
+	}
+	order := make([]int32, len(idx))
 	if hi-lo < 4*int64(len(idx))+1024 {
-		starts := make([]int, hi-lo+2)
+		starts := make([]int32, hi-lo+2)
 		for _, i := range idx {
-			starts[samples[i].second()-lo+1]++
+			starts[secs[i]-lo+1]++
 		}
 		for j := 1; j < len(starts); j++ {
 			starts[j] += starts[j-1]
 		}
-		for k, i := range idx {
-			j := samples[i].second() - lo
-			order[starts[j]] = k
-			starts[j]++
+		for _, i := range idx {
+			order[starts[secs[i]-lo]] = i
+			starts[secs[i]-lo]++
 		}
 		return order
 	}
-	for k := range order {
-		order[k] = k
-	}
-	slices.SortStableFunc(order, func(x, y int) int { return cmp.Compare(samples[idx[x]].second(), samples[idx[y]].second()) })
+	copy(order, idx)
+	slices.SortStableFunc(order, func(x, y int32) int { return cmp.Compare(secs[x], secs[y]) })
 	return order
 }
 
@@ -221,38 +296,41 @@ func newBinCounter(lo, hi int32, samples int) binCounter {
 	return binCounter{sparse: map[int32]uint64{}}
 }
 
-func (c *binCounter) add(code int32) {
+func (c *binCounter) add(code int32, n uint64) {
 	if c.sparse != nil {
-		c.sparse[code]++
+		c.sparse[code] += n
 		return
 	}
 	if c.dense[code-c.lo] == 0 {
 		c.touched = append(c.touched, code)
 	}
-	c.dense[code-c.lo]++
+	c.dense[code-c.lo] += n
 }
 
 // finish gives d the bins counted since the last finish, sorted and
 // bounded as a bucket's bins are (which changes nothing in the result: the
-// bound depends only on the bins' union), and starts counting afresh.
-func (c *binCounter) finish(d bucketDelta) bucketDelta {
+// bound depends only on the bins' union), appended to arena, and starts
+// counting afresh.
+func (c *binCounter) finish(d bucketDelta, arena []binCount) (bucketDelta, []binCount) {
+	from := len(arena)
 	if c.sparse != nil {
 		for code, n := range c.sparse {
-			d.bins = append(d.bins, binCount{code, n})
+			arena = append(arena, binCount{code, n})
 		}
 		clear(c.sparse)
-		slices.SortFunc(d.bins, func(a, b binCount) int { return cmp.Compare(a.code, b.code) })
+		slices.SortFunc(arena[from:], func(a, b binCount) int { return cmp.Compare(a.code, b.code) })
 	} else {
 		slices.Sort(c.touched)
-		d.bins = make([]binCount, len(c.touched))
-		for i, code := range c.touched {
-			d.bins[i] = binCount{code, c.dense[code-c.lo]}
+		for _, code := range c.touched {
+			arena = append(arena, binCount{code, c.dense[code-c.lo]})
 			c.dense[code-c.lo] = 0
 		}
 		c.touched = c.touched[:0]
 	}
-	d.bins = boundBins(d.bins, maxBinsPerSign)
-	return d
+	// The full slice expression keeps later appends to arena off d's bins.
+	bins := boundBins(arena[from:len(arena):len(arena)], maxBinsPerSign)
+	d.bins = bins[:len(bins):len(bins)]
+	return d, arena[:from+len(bins)]
 }
 
 // tooManyTypesError refuses an ingest that would create a metric type
