@@ -57,6 +57,23 @@ const minObjectBytes = 56
 type scanner struct {
 	b []byte
 	i int
+	// The minute (2025-01-01T10:00) of the last timestamp read, and its
+	// Unix seconds: a batch's timestamps mostly share it.
+	minute     []byte
+	minuteSecs int64
+}
+
+// timestamp is quickTimestamp, reading a minute only when it differs from
+// the last timestamp's.
+func (s *scanner) timestamp(ts []byte) (int64, bool) {
+	if len(ts) < 16 || !bytes.Equal(ts[:16], s.minute) {
+		secs, ok := quickMinute(ts)
+		if !ok {
+			return 0, false
+		}
+		s.minute, s.minuteSecs = ts[:16], secs
+	}
+	return quickSeconds(s.minuteSecs, ts[16:])
 }
 
 func (s *scanner) peek() byte {
@@ -249,7 +266,7 @@ func (s *scanner) object(types map[string]string) (sample, bool) {
 			types[name] = name
 		}
 	}
-	at, ok := quickTimestamp(ts)
+	at, ok := s.timestamp(ts)
 	if !ok {
 		return sample{}, false // an unusual timestamp takes the general path
 	}
@@ -262,23 +279,46 @@ func (s *scanner) object(types map[string]string) (sample, bool) {
 // nothing, Z or an offset such as +02:00 ('t' and 'z' in either case).
 // It gives what parseTimestamp gives for these, without allocating; ok is
 // false for anything else, including dates out of range, which then take
-// the general path (and its error message). The fuzz target checks both.
+// the general path (and its error message). A test and a fuzz target
+// check both readings agree.
 func quickTimestamp[T string | []byte](s T) (at int64, ok bool) {
-	if len(s) < 19 || s[4] != '-' || s[7] != '-' || s[10]|0x20 != 't' || s[13] != ':' || s[16] != ':' {
+	minute, ok := quickMinute(s)
+	if !ok {
 		return 0, false
 	}
-	for _, i := range [...]int{0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18} {
+	return quickSeconds(minute, s[16:])
+}
+
+// quickMinute reads the date, hour and minute (2025-01-01T10:00) at the
+// start of s, as the Unix seconds of that minute in UTC.
+func quickMinute[T string | []byte](s T) (int64, bool) {
+	if len(s) < 16 || s[4] != '-' || s[7] != '-' || s[10]|0x20 != 't' || s[13] != ':' {
+		return 0, false
+	}
+	for _, i := range [...]int{0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15} {
 		if s[i]-'0' > 9 {
 			return 0, false
 		}
 	}
 	two := func(i int) int { return int(s[i]-'0')*10 + int(s[i+1]-'0') }
-	year, month, day := two(0)*100+two(2), two(5), two(8)
-	hour, minute, sec := two(11), two(14), two(17)
-	if month < 1 || month > 12 || day < 1 || day > daysInMonth(year, month) || hour > 23 || minute > 59 || sec > 59 {
+	year, month, day, hour, minute := two(0)*100+two(2), two(5), two(8), two(11), two(14)
+	if month < 1 || month > 12 || day < 1 || day > daysInMonth(year, month) || hour > 23 || minute > 59 {
 		return 0, false
 	}
-	rest := s[19:]
+	return daysFromCivil(year, month, day)*86400 + int64(hour*3600+minute*60), true
+}
+
+// quickSeconds reads the rest of a timestamp after its minute: the
+// seconds (:05), any fraction and zone.
+func quickSeconds[T string | []byte](minute int64, rest T) (int64, bool) {
+	if len(rest) < 3 || rest[0] != ':' || rest[1]-'0' > 9 || rest[2]-'0' > 9 {
+		return 0, false
+	}
+	sec := int(rest[1]-'0')*10 + int(rest[2]-'0')
+	if sec > 59 {
+		return 0, false
+	}
+	rest = rest[3:]
 	micros := 0
 	if len(rest) > 0 && rest[0] == '.' {
 		n, frac := 1, 0
@@ -313,7 +353,7 @@ func quickTimestamp[T string | []byte](s T) (at int64, ok bool) {
 	default:
 		return 0, false
 	}
-	secs := daysFromCivil(year, month, day)*86400 + int64(hour*3600+minute*60+sec-offset)
+	secs := minute + int64(sec-offset)
 	if secs < minTimestamp.Unix() || secs >= maxTimestamp.Unix() {
 		return 0, false
 	}

@@ -611,7 +611,7 @@ func TestHungRedisWithIdleConnections(t *testing.T) {
 	prefix := testPrefix()
 	pool := testPool(t, cfg, prefix)
 	pool.checkIdleAfter = 0 // every idle connection is checked when borrowed
-	lim := newRedisLimiter(pool, prefix, 5, time.Minute)
+	lim := newRedisLimiter(pool, prefix, 5, time.Minute, time.Second)
 	var conns []redis.Conn // eight idle connections in the pool
 	for range 8 {
 		c := pool.Get()

@@ -60,9 +60,7 @@ func rateLimited(log *slog.Logger, cfg config, tel *telemetry, lim limiter, now 
 	var lastLogged atomic.Int64
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		t := now()
-		ctx, cancel := context.WithTimeout(r.Context(), cfg.LimiterTimeout)
-		d, err := lim.allow(ctx, clientKey(r, cfg.TrustedProxies), t)
-		cancel()
+		d, err := lim.allow(r.Context(), clientKey(r, cfg.TrustedProxies), t)
 		if err != nil {
 			tel.rateLimitStoreErrs.Add(1)
 			// Logged at most once a second: during an outage every request
@@ -170,14 +168,15 @@ func limiterSweepEvery(window time.Duration) time.Duration {
 // expiry in the same script call, so no key can outlive its window for
 // long, whatever fails between calls.
 type redisLimiter struct {
-	pool   *redisPool
-	keys   keys
-	limit  int
-	window time.Duration
+	pool    *redisPool
+	keys    keys
+	limit   int
+	window  time.Duration
+	timeout time.Duration // LIMITER_TIMEOUT: the most one decision may wait
 }
 
-func newRedisLimiter(pool *redisPool, prefix string, limit int, window time.Duration) *redisLimiter {
-	return &redisLimiter{pool: pool, keys: keys{prefix}, limit: limit, window: window}
+func newRedisLimiter(pool *redisPool, prefix string, limit int, window, timeout time.Duration) *redisLimiter {
+	return &redisLimiter{pool: pool, keys: keys{prefix}, limit: limit, window: window, timeout: timeout}
 }
 
 //go:embed lua/limit.lua
@@ -196,6 +195,8 @@ func (l *redisLimiter) key(client string, idx int64) string {
 func (l *redisLimiter) allow(ctx context.Context, client string, now time.Time) (d decision, err error) {
 	idx, reset := windowOf(now, l.window)
 	ttl := (reset + limiterClockSkew).Milliseconds()
+	ctx, cancel := context.WithTimeout(ctx, l.timeout)
+	defer cancel()
 	err = l.pool.with(ctx, "ratelimit", func(c redis.Conn, deadline time.Time) error {
 		n, err := redis.Int64(limitScript.run(c, deadline, []string{l.key(client, idx)}, ttl))
 		d = decide(n, l.limit, reset)

@@ -150,7 +150,7 @@ func TestRedisLimiterKeysExpire(t *testing.T) {
 	cfg := testConfig(t)
 	prefix := testPrefix()
 	pool := testPool(t, cfg, prefix)
-	lim := newRedisLimiter(pool, prefix, 5, time.Minute)
+	lim := newRedisLimiter(pool, prefix, 5, time.Minute, cfg.LimiterTimeout)
 	now := time.Now()
 	for _, client := range []string{"1.2.3.4", "2001:db8::/64"} {
 		if _, err := lim.allow(context.Background(), client, now); err != nil {
@@ -296,7 +296,7 @@ func TestLimiterStoreDown(t *testing.T) {
 			cfg.RateLimitFailClosed = failClosed
 			prefix := testPrefix()
 			b := newMemoryBackend(cfg, time.Now)
-			b.limiter = newRedisLimiter(testPool(t, cfg, prefix), prefix, cfg.RateLimit, cfg.RateWindow)
+			b.limiter = newRedisLimiter(testPool(t, cfg, prefix), prefix, cfg.RateLimit, cfg.RateWindow, cfg.LimiterTimeout)
 			base := serve(t, cfg, b)
 			if r := post(t, base, metricBody("cpu", sampleTime, 1)); r.status != 201 || r.header.Get("X-RateLimit-Remaining") != "99" {
 				t.Fatalf("with Redis up: %d remaining %s", r.status, r.header.Get("X-RateLimit-Remaining"))
@@ -340,7 +340,7 @@ func TestLimiterHungStoreAddsOnlyItsDeadline(t *testing.T) {
 	pool := newRedisPool(cfg, nil)
 	t.Cleanup(func() { pool.Close() })
 	b := newMemoryBackend(cfg, time.Now)
-	b.limiter = newRedisLimiter(pool, "", cfg.RateLimit, cfg.RateWindow)
+	b.limiter = newRedisLimiter(pool, "", cfg.RateLimit, cfg.RateWindow, cfg.LimiterTimeout)
 	base := serve(t, cfg, b)
 	start := time.Now()
 	r := post(t, base, metricBody("cpu", sampleTime, 1))

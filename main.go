@@ -162,7 +162,7 @@ func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time
 	return backend{
 		store:   s,
 		reader:  &reader{store: s, cache: newReadCache(newRedisCacheStore(pool, k, cfg.CacheTTL, cfg.CacheMaxEntries)), horizon: cfg.Retention, now: now},
-		limiter: newRedisLimiter(pool, prefix, cfg.RateLimit, cfg.RateWindow),
+		limiter: newRedisLimiter(pool, prefix, cfg.RateLimit, cfg.RateWindow, cfg.LimiterTimeout),
 		ping:    pool.ping,
 		now:     now,
 		compact: s.compact,

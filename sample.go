@@ -132,25 +132,27 @@ type rollup struct {
 	secs     []int64
 	codes    []int32
 	h        retention
-	levels   []resolution
-	cur      []bucketDelta
-	open     []bool
-	counters []binCounter
-	done     [][]bucketDelta // finished buckets, by level, in time order
-	arena    []binCount      // the bins of finished buckets, allocated together
+	levels   []resolution // res1s to res1d, then resAll when kept forever
+	cur      [numRes + 1]bucketDelta
+	open     [numRes + 1]bool
+	counters [numRes + 1]binCounter
+	done     [numRes + 1][]bucketDelta // finished buckets, by level, in time order
+	arena    []binCount                // the bins of finished buckets, allocated together
 }
 
+var (
+	timedLevels = []resolution{res1s, res1m, res1h, res1d}
+	allLevels   = []resolution{res1s, res1m, res1h, res1d, resAll}
+)
+
 func newRollup(samples []sample, h retention) *rollup {
-	levels := []resolution{res1s, res1m, res1h, res1d}
-	if h.forever() {
-		levels = append(levels, resAll)
-	}
 	a := &rollup{
-		samples: samples, h: h, levels: levels,
+		samples: samples, h: h, levels: timedLevels,
 		secs: make([]int64, len(samples)), codes: make([]int32, len(samples)),
-		cur: make([]bucketDelta, len(levels)), open: make([]bool, len(levels)),
-		counters: make([]binCounter, len(levels)), done: make([][]bucketDelta, len(levels)),
 		arena: make([]binCount, 0, len(samples)),
+	}
+	if h.forever() {
+		a.levels = allLevels
 	}
 	lo, hi := int32(math.MaxInt32), int32(math.MinInt32)
 	for i, s := range samples {
@@ -160,7 +162,7 @@ func newRollup(samples []sample, h retention) *rollup {
 			lo, hi = min(lo, a.codes[i]), max(hi, a.codes[i])
 		}
 	}
-	for l := range levels {
+	for l := range a.levels {
 		a.counters[l] = newBinCounter(lo, hi, len(samples))
 	}
 	return a
@@ -217,7 +219,7 @@ func (a *rollup) typeBatch(idx []int32) typeBatch {
 		total += len(done)
 	}
 	b.deltas = make([]bucketDelta, 0, total)
-	for l, done := range a.done {
+	for l, done := range a.done[:len(a.levels)] {
 		b.deltas = append(b.deltas, done...)
 		a.done[l] = done[:0]
 	}
