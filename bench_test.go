@@ -488,7 +488,7 @@ func BenchmarkIngestPath(b *testing.B) {
 	at := time.Date(2025, 1, 1, 11, 0, 0, 0, time.UTC)
 	for _, bd := range bodies {
 		b.Run(bd.name, func(b *testing.B) {
-			s := newMemoryStore(cfg.Retention, cfg.MaxTypes)
+			s := newMemoryStore(cfg.Retention, cfg.MaxTypes, cfg.MaxSeries)
 			b.SetBytes(int64(len(bd.body)))
 			for b.Loop() {
 				samples, _, err := parseSamples(bd.body, cfg.MaxBatch)

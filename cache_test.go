@@ -69,8 +69,8 @@ type gatedStore struct {
 	release  chan struct{}
 }
 
-func (g *gatedStore) read(ctx context.Context, typ string, spans []span) (typeMeta, []storedBucket, error) {
-	m, b, err := g.metricStore.read(ctx, typ, spans)
+func (g *gatedStore) read(ctx context.Context, typ string, series []string, spans []span) (typeMeta, [][]storedBucket, error) {
+	m, b, err := g.metricStore.read(ctx, typ, series, spans)
 	g.computed <- struct{}{}
 	<-g.release
 	return m, b, err

@@ -48,6 +48,7 @@ type config struct {
 	MaxBodyBytes int64
 	MaxBatch     int
 	MaxTypes     int
+	MaxSeries    int
 	MaxFuture    time.Duration
 	Retention    retention
 
@@ -87,6 +88,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		MaxBodyBytes: int64(p.integer("MAX_BODY_BYTES", "1048576", 1, math.MaxInt32)),
 		MaxBatch:     p.integer("MAX_BATCH", "10000", 1, math.MaxInt32),
 		MaxTypes:     p.integer("MAX_TYPES", "10000", 1, math.MaxInt32),
+		MaxSeries:    p.integer("MAX_SERIES", "1000", 1, 1_000_000),
 		MaxFuture:    p.durationOrZero("MAX_FUTURE", "1h"),
 		Retention:    p.retention(),
 

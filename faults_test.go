@@ -233,7 +233,7 @@ func TestAcknowledgedWritesSurviveRedisRestart(t *testing.T) {
 	c := pool.Get()
 	defer c.Close()
 	k := keys{prefix}
-	names, err := redis.Strings(c.Do("KEYS", k.bucketPrefix("durable", res1s)+"*"))
+	names, err := redis.Strings(c.Do("KEYS", bucketPrefix(k.tag("durable"), res1s)+"*"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -311,8 +311,16 @@ func (w window) bounds() (from, to *int64) {
 // a summary computes it, without the cache.
 func summarize(b backend, typ string, w window) (aggregateValues, uint64, error) {
 	from, to := w.bounds()
-	acc, v, err := b.reader.window(context.Background(), typ, from, to)
-	return acc.values(), v, err
+	groups, v, err := b.reader.window(context.Background(), typ, from, to, labelFilter{})
+	return onlyGroup(groups), v, err
+}
+
+// onlyGroup is the values of an ungrouped window.
+func onlyGroup(groups []seriesGroup) aggregateValues {
+	if len(groups) == 0 {
+		return aggregateValues{}
+	}
+	return groups[0].acc.values()
 }
 
 // storeAdd ingests samples into b's store as the ingest handler does.

@@ -26,6 +26,14 @@ import "strconv"
 //	{T}:i:<res>            sorted set: the chunks (a minute of seconds, an
 //	                       hour of minutes, ...) that hold buckets of res,
 //	                       by start, so retention finds what to delete
+//	{T}:series             hash: the type's series, the hash of each id
+//	                       (labels.go, seriesHash) to the id, for
+//	                       MAX_SERIES and for finding them
+//	{T}:s:<hash>:          the same keys as the type's (m, b:..., i:...)
+//	                       for one series: its buckets, its retention
+//	                       indexes, and in m the anchor its retention last
+//	                       finished at (s); the type-wide keys above hold
+//	                       every series together
 //	{cache}:e:<T>|<query>  string: one cached answer, "version body", with a
 //	                       TTL; one tag for the whole cache, so the bound
 //	                       on its size is one script on one slot
@@ -44,21 +52,34 @@ func (k keys) tag(typ string) string { return k.prefix + "{" + typ + "}:" }
 
 func (k keys) meta(typ string) string { return k.tag(typ) + "m" }
 
-// bucketPrefix is the name of typ's buckets of r up to the start, which
-// the ingest script appends when it deletes a chunk's buckets.
-func (k keys) bucketPrefix(typ string, r resolution) string {
-	return k.tag(typ) + "b:" + r.String() + ":"
-}
+func (k keys) seriesRegistry(typ string) string { return k.tag(typ) + "series" }
 
-func (k keys) bucket(typ string, r resolution, start int64) string {
-	if r == resAll {
-		return k.tag(typ) + "b:all"
+// unit is the start of the names of one series' keys (id typeWide for the
+// type-wide ones), which the functions below complete.
+func (k keys) unit(typ, id string) string {
+	if id == typeWide {
+		return k.tag(typ)
 	}
-	return k.bucketPrefix(typ, r) + strconv.FormatInt(start, 10)
+	return k.tag(typ) + "s:" + seriesHash(id) + ":"
 }
 
-func (k keys) index(typ string, r resolution) string {
-	return k.tag(typ) + "i:" + r.String()
+func unitMeta(unit string) string { return unit + "m" }
+
+// bucketPrefix is the name of a unit's buckets of r up to the start, which
+// the ingest script appends when it deletes a chunk's buckets.
+func bucketPrefix(unit string, r resolution) string {
+	return unit + "b:" + r.String() + ":"
+}
+
+func bucketKey(unit string, r resolution, start int64) string {
+	if r == resAll {
+		return unit + "b:all"
+	}
+	return bucketPrefix(unit, r) + strconv.FormatInt(start, 10)
+}
+
+func indexKey(unit string, r resolution) string {
+	return unit + "i:" + r.String()
 }
 
 func (k keys) cacheEntry(typ, query string) string {
@@ -70,3 +91,10 @@ func (k keys) cacheIndex() string { return k.prefix + "{cache}:idx" }
 func (k keys) limiter(client string, window int64) string {
 	return k.prefix + "rl:{" + client + "}:" + strconv.FormatInt(window, 10)
 }
+
+// bucket and index name a type's type-wide keys.
+func (k keys) bucket(typ string, r resolution, start int64) string {
+	return bucketKey(k.tag(typ), r, start)
+}
+
+func (k keys) index(typ string, r resolution) string { return indexKey(k.tag(typ), r) }

@@ -137,7 +137,7 @@ func openBackend(cfg config, tel *telemetry, log *slog.Logger) (backend, func(),
 }
 
 func newMemoryBackend(cfg config, now func() time.Time) backend {
-	s := newMemoryStore(cfg.Retention, cfg.MaxTypes)
+	s := newMemoryStore(cfg.Retention, cfg.MaxTypes, cfg.MaxSeries)
 	c := newMemoryCacheStore(s.version, cfg.CacheTTL, cfg.CacheMaxEntries, now)
 	lim := newMemoryLimiter(cfg.RateLimit, cfg.RateWindow)
 	return backend{
@@ -158,7 +158,7 @@ func newMemoryBackend(cfg config, now func() time.Time) backend {
 // can share one redis-server without touching each other's data.
 func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time.Time) backend {
 	k := keys{prefix: prefix}
-	s := newRedisStore(pool, k, cfg.Retention, cfg.MaxTypes)
+	s := newRedisStore(pool, k, cfg.Retention, cfg.MaxTypes, cfg.MaxSeries)
 	return backend{
 		store:   s,
 		reader:  &reader{store: s, cache: newReadCache(newRedisCacheStore(pool, k, cfg.CacheTTL, cfg.CacheMaxEntries)), horizon: cfg.Retention, now: now},
@@ -190,6 +190,7 @@ func newHandler(log *slog.Logger, cfg config, tel *telemetry, b backend) http.Ha
 	handle("GET /api/metrics/summary", handleSummary(log, b.reader))
 	handle("GET /api/metrics/series", handleSeries(log, b.reader))
 	handle("GET /api/metrics/types", handleTypes(log, b.reader))
+	handle("GET /api/metrics/labels", handleLabels(log, b.reader))
 	handle("GET /external", handleExternal(log, brk, newExternalService(cfg), cfg.ExternalTimeout))
 	// GET patterns also match HEAD, and a HEAD must not call the service
 	// and move the breaker.

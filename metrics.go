@@ -66,6 +66,12 @@ func ingestRefusal(err error, samples []sample, batch bool, cfg config, tel *tel
 		return unprocessable("%stype %q is new, and the limit of %d distinct metric types is reached",
 			item(batch, firstOf(samples, tm.typ, nil)), tm.typ, cfg.MaxTypes)
 	}
+	if ts := (*tooManySeriesError)(nil); errors.As(err, &ts) {
+		tel.refused("max_series", len(samples))
+		i := firstOf(samples, ts.typ, func(s sample) bool { return s.series == ts.id })
+		return unprocessable("%slabels {%s} make a new series of %s, and the limit of %d series per type is reached",
+			item(batch, i), ts.id, ts.typ, cfg.MaxSeries)
+	}
 	if to := (*tooOldError)(nil); errors.As(err, &to) {
 		tel.refused("retention", len(samples))
 		i := firstOf(samples, to.typ, func(s sample) bool { return !cfg.Retention.keepsSample(s.second(), to.anchor) })
@@ -101,11 +107,20 @@ func item(batch bool, i int) string {
 
 func handleSummary(log *slog.Logger, q *reader) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		typ, from, to, err := parseSummaryQuery(r.URL.Query())
-		var body summaryBody
-		var raw []byte
+		query := r.URL.Query()
+		typ, from, to, err := parseSummaryQuery(query)
+		var f labelFilter
 		if err == nil {
-			body, raw, err = q.summaryAnswer(r.Context(), typ, from, to, true)
+			f, err = parseLabelFilter(query["label"], query.Get("group_by"))
+		}
+		var body any
+		var raw []byte
+		switch {
+		case err != nil:
+		case f.groupBy != "":
+			body, raw, err = q.groupedSummary(r.Context(), typ, from, to, f, true)
+		default:
+			body, raw, err = q.summaryAnswer(r.Context(), typ, from, to, f, true)
 		}
 		writeAnswer(w, r, log, body, raw, err)
 	})
@@ -113,11 +128,20 @@ func handleSummary(log *slog.Logger, q *reader) http.Handler {
 
 func handleSeries(log *slog.Logger, q *reader) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		typ, plan, err := parseSeriesQuery(r.URL.Query(), q.now())
-		var body seriesBody
-		var raw []byte
+		query := r.URL.Query()
+		typ, plan, err := parseSeriesQuery(query, q.now())
+		var f labelFilter
 		if err == nil {
-			body, raw, err = q.series(r.Context(), typ, plan, true)
+			f, err = parseLabelFilter(query["label"], query.Get("group_by"))
+		}
+		var body any
+		var raw []byte
+		switch {
+		case err != nil:
+		case f.groupBy != "":
+			body, raw, err = q.groupedSeries(r.Context(), typ, plan, f, true)
+		default:
+			body, raw, err = q.series(r.Context(), typ, plan, f, true)
 		}
 		writeAnswer(w, r, log, body, raw, err)
 	})
@@ -134,6 +158,24 @@ func writeAnswer(w http.ResponseWriter, r *http.Request, log *slog.Logger, body 
 	default:
 		writeJSON(w, http.StatusOK, body)
 	}
+}
+
+func handleLabels(log *slog.Logger, q *reader) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		typ, err := parseMetricType(r.URL.Query())
+		var labels map[string][]string
+		if err == nil {
+			labels, err = q.labels(r.Context(), typ)
+		}
+		if err != nil {
+			writeFailure(w, r, log, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, struct {
+			Type   string              `json:"type"`
+			Labels map[string][]string `json:"labels"`
+		}{typ, labels})
+	})
 }
 
 func handleTypes(log *slog.Logger, q *reader) http.Handler {
@@ -245,12 +287,13 @@ const maxAbsValue = 1e300
 // sampleJSON is a metric as sent. encoding/json matches keys to these
 // fields ignoring case, so decodeSample makes sure only exact keys count.
 type sampleJSON struct {
-	Timestamp *string  `json:"timestamp"`
-	Value     *float64 `json:"value"`
-	Type      *string  `json:"type"`
+	Timestamp *string         `json:"timestamp"`
+	Value     *float64        `json:"value"`
+	Type      *string         `json:"type"`
+	Labels    json.RawMessage `json:"labels"`
 }
 
-var sampleFields = [][]byte{[]byte("timestamp"), []byte("value"), []byte("type")}
+var sampleFields = [][]byte{[]byte("timestamp"), []byte("value"), []byte("type"), []byte("labels")}
 
 // decodeSample decodes one metric object. The fast path is one Unmarshal
 // into the struct; an object with a key that only folds to a field name
@@ -270,7 +313,7 @@ func decodeSample(raw []byte) (sampleJSON, error) {
 	for _, f := range []struct {
 		name string
 		dst  any
-	}{{"timestamp", &in.Timestamp}, {"value", &in.Value}, {"type", &in.Type}} {
+	}{{"timestamp", &in.Timestamp}, {"value", &in.Value}, {"type", &in.Type}, {"labels", &in.Labels}} {
 		if v, ok := fields[f.name]; ok {
 			if err := json.Unmarshal(v, f.dst); err != nil {
 				if te := (*json.UnmarshalTypeError)(nil); errors.As(err, &te) {
@@ -346,7 +389,16 @@ func parseSample(raw []byte) (sample, error) {
 	case in.Type == nil:
 		return sample{}, errors.New("type is required")
 	}
-	return checkSample(*in.Timestamp, *in.Value, *in.Type)
+	smp, err := checkSample(*in.Timestamp, *in.Value, *in.Type)
+	if err != nil || in.Labels == nil {
+		return smp, err
+	}
+	labels, err := parseLabels(in.Labels)
+	if err != nil {
+		return sample{}, err
+	}
+	smp.series = seriesID(labels)
+	return smp, nil
 }
 
 // checkSample validates a decoded sample's fields.

@@ -322,9 +322,11 @@ func TestRedisTypeKeysShareHashTag(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The meta hash, the running total, a bucket at each of the four
-	// resolutions and the retention indexes of the three that expire.
-	if len(ks) != 1+1+4+3 {
-		t.Errorf("keys of type cpu: %v, want 9", ks)
+	// resolutions and the retention indexes of the three that expire, once
+	// type-wide and once for the unlabelled series; and the registry of
+	// series.
+	if len(ks) != 2*(1+1+4+3)+1 {
+		t.Errorf("keys of type cpu: %v, want 19", ks)
 	}
 	all, err := redis.Strings(c.Do("KEYS", e.prefix+"*"))
 	if err != nil {

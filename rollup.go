@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"math"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -257,8 +258,29 @@ type seriesPlan struct {
 
 func (p seriesPlan) points() int64 { return (p.to - p.from) / p.step }
 
-// bucketsRead is how many buckets the plan reads.
+// bucketsRead is how many buckets the plan reads in one series.
 func (p seriesPlan) bucketsRead() int64 { return (p.to - p.from) / p.res.seconds() }
+
+// key is the plan in a cache key.
+func (p seriesPlan) key() string {
+	return strconv.FormatInt(p.from, 10) + "|" + strconv.FormatInt(p.to, 10) + "|" + strconv.FormatInt(p.step, 10)
+}
+
+// refuseSeriesCount refuses a plan that would read more than
+// maxSeriesBuckets buckets over n series, naming a step that fits.
+func (p seriesPlan) refuseSeriesCount(n int) error {
+	budget := maxSeriesBuckets / max(int64(n), 1)
+	if p.bucketsRead() <= budget {
+		return nil
+	}
+	fits, ok := smallestStep(p.from, p.to, budget)
+	if !ok {
+		return unprocessable("label: %d series over %d days read more than %d buckets; filter to fewer series or shorten the window",
+			n, (p.to-p.from)/res1d.seconds(), maxSeriesBuckets)
+	}
+	return unprocessable("step: %s over %d series reads %d buckets, more than %d; use a step of at least %s",
+		formatStep(p.step), n, p.bucketsRead()*int64(n), maxSeriesBuckets, formatStep(fits))
+}
 
 // coarsestDividing is the coarsest stored resolution whose width divides
 // step, so each point adds whole buckets of it.
@@ -279,7 +301,7 @@ func planSeries(from, to, step int64) (seriesPlan, error) {
 	if p.points() <= maxSeriesPoints && p.bucketsRead() <= maxSeriesBuckets {
 		return p, nil
 	}
-	fits, ok := smallestStep(from, to)
+	fits, ok := smallestStep(from, to, maxSeriesBuckets)
 	if !ok {
 		return p, unprocessable("from: the window is %d days long; a series covers at most %d days",
 			(to-from)/res1d.seconds(), maxSeriesBuckets)
@@ -297,21 +319,21 @@ func alignSeries(from, to, step int64) seriesPlan {
 		step: step, res: coarsestDividing(step)}
 }
 
-// smallestStep is the smallest whole-second step within both limits for
-// [from, to): for each resolution, the smallest multiple of its width that
+// smallestStep is the smallest whole-second step within the points limit
+// and maxBuckets for [from, to): for each resolution, the smallest multiple of its width that
 // fits, and the least of those. None fits when even day buckets are too
 // many; a step longer than the window plus a day never helps, so the
 // search stops there.
-func smallestStep(from, to int64) (int64, bool) {
+func smallestStep(from, to, maxBuckets int64) (int64, bool) {
 	best := int64(math.MaxInt64)
 	limit := to - from + res1d.seconds()
 	for r := res1s; r < numRes; r++ {
 		w := r.seconds()
-		if (to-from)/w > maxSeriesBuckets {
+		if (to-from)/w > maxBuckets {
 			continue // too many buckets of r, whatever the step
 		}
 		for k := max(1, (to-from)/maxSeriesPoints/w); k*w < best && k*w <= limit; k++ {
-			if p := alignSeries(from, to, k*w); p.points() <= maxSeriesPoints && p.bucketsRead() <= maxSeriesBuckets {
+			if p := alignSeries(from, to, k*w); p.points() <= maxSeriesPoints && p.bucketsRead() <= maxBuckets {
 				best = k * w
 				break
 			}

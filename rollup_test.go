@@ -137,7 +137,7 @@ func TestPlanSeries(t *testing.T) {
 	for range 200 {
 		from := rng.Int64N(1e6)
 		to := from + rng.Int64N(400*day)
-		s, ok := smallestStep(from, to)
+		s, ok := smallestStep(from, to, maxSeriesBuckets)
 		if _, err := planSeries(from, to, s); !ok || err != nil {
 			t.Fatalf("smallestStep(%d, %d) = %d, which planSeries refuses: %v", from, to, s, err)
 		}

@@ -3,15 +3,17 @@ package main
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 )
 
 // sample is one validated metric sample.
 type sample struct {
-	typ   string
-	at    int64 // Unix microseconds, UTC
-	value float64
+	typ    string
+	series string // the id of its labels (labels.go); "" for none
+	at     int64  // Unix microseconds, UTC
+	value  float64
 }
 
 // second is the Unix second the sample falls in.
@@ -72,7 +74,18 @@ type typeBatch struct {
 	// of the batch would no longer be kept by any resolution; never when
 	// some resolution keeps everything forever.
 	keepUntil int64
-	deltas    []bucketDelta // by resolution, then start
+	deltas    []bucketDelta // the type-wide buckets, by resolution, then start
+	series    []seriesBatch // by id
+}
+
+// seriesBatch is one series' part of a typeBatch. When the type's batch is
+// all of one series, as an agent's usually is, its deltas are the type's
+// (the same slice, read only).
+type seriesBatch struct {
+	id            string
+	samples       int
+	first, newest int64
+	deltas        []bucketDelta
 }
 
 // aggregate splits samples by type (types in name order) and sums each
@@ -118,7 +131,28 @@ func aggregate(samples []sample, h retention) []typeBatch {
 	at = 0
 	for k, name := range names {
 		out[k] = a.typeBatch(idx[at : at+count[name]])
+		out[k].series = a.seriesBatches(idx[at:at+count[name]], out[k])
 		at += count[name]
+	}
+	return out
+}
+
+// seriesBatches sums a type's samples (idx) per series, given the type's
+// own sums b.
+func (a *rollup) seriesBatches(idx []int32, b typeBatch) []seriesBatch {
+	one := a.samples[idx[0]].series
+	if !slices.ContainsFunc(idx, func(i int32) bool { return a.samples[i].series != one }) {
+		return []seriesBatch{{id: one, samples: b.samples, first: b.first, newest: b.newest, deltas: b.deltas}}
+	}
+	byID := map[string][]int32{}
+	for _, i := range idx {
+		id := a.samples[i].series
+		byID[id] = append(byID[id], i)
+	}
+	out := make([]seriesBatch, 0, len(byID))
+	for _, id := range slices.Sorted(maps.Keys(byID)) {
+		sb := a.typeBatch(byID[id])
+		out = append(out, seriesBatch{id: id, samples: sb.samples, first: sb.first, newest: sb.newest, deltas: sb.deltas})
 	}
 	return out
 }
@@ -341,6 +375,12 @@ type tooManyTypesError struct{ typ string }
 
 func (e *tooManyTypesError) Error() string { return "too many metric types: " + e.typ }
 
+// tooManySeriesError refuses an ingest that would create a series of typ
+// beyond MAX_SERIES; id is the first such series, by id.
+type tooManySeriesError struct{ typ, id string }
+
+func (e *tooManySeriesError) Error() string { return "too many series of " + e.typ + ": " + e.id }
+
 // tooOldError refuses an ingest with a sample that no resolution would
 // keep at the type's anchor (Unix seconds).
 type tooOldError struct {
@@ -358,6 +398,7 @@ type typeMeta struct {
 	version       uint64 // bumped by every ingest of the type; 0: never written
 	first, newest int64  // Unix microseconds of its oldest and newest sample
 	total         stats  // the running total, when days are kept forever
+	series        int    // how many series hold data
 }
 
 // anchor is the second retention is measured back from: the earlier of

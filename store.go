@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 	"sort"
@@ -19,19 +20,23 @@ import (
 	"github.com/gomodule/redigo/redis"
 )
 
-// metricStore keeps every type's buckets and answers reads of them.
+// metricStore keeps every series' buckets, and each type's type-wide
+// buckets of all its series together, and answers reads of them.
 //
 // add applies a whole ingest or none of it: it refuses with a
-// tooManyTypesError or a tooOldError before changing anything, and a
-// concurrent read sees each type's part of it whole or not at all. It bumps
-// each type's version in the same atomic step.
+// tooManyTypesError, a tooManySeriesError or a tooOldError before changing
+// anything, and a concurrent read sees each type's part of it whole or not
+// at all. It bumps each type's version in the same atomic step.
 //
-// read returns the type's meta and its stored buckets in spans, in span
-// order and then by start, read in one atomic step: the version it returns
-// counts every write whose buckets it saw.
+// read returns the type's meta and, for each of the series asked for (by
+// id; typeWide for the type-wide buckets), its stored buckets in spans, in
+// span order and then by start, read in one atomic step: the version it
+// returns counts every write whose buckets it saw. series lists the ids of
+// a type's series, with the version the list is as of.
 type metricStore interface {
 	add(ctx context.Context, batches []typeBatch, now time.Time) error
-	read(ctx context.Context, typ string, spans []span) (typeMeta, []storedBucket, error)
+	read(ctx context.Context, typ string, series []string, spans []span) (typeMeta, [][]storedBucket, error)
+	series(ctx context.Context, typ string) (uint64, []string, error)
 	meta(ctx context.Context, typ string) (typeMeta, error)
 	types(ctx context.Context) ([]typeMeta, error)
 }
@@ -42,8 +47,9 @@ type metricStore interface {
 // different types never contend. A background sweep, not the requests,
 // drops what retention no longer keeps.
 type memoryStore struct {
-	horizon  retention
-	maxTypes int
+	horizon   retention
+	maxTypes  int
+	maxSeries int
 
 	byName sync.Map // type name -> *memType
 	mu     sync.Mutex
@@ -56,8 +62,14 @@ type memType struct {
 
 	mu            sync.RWMutex
 	first, newest int64
-	buckets       [numRes][]memBucket // each sorted by start
-	all           memBucket
+	memBuckets    // type-wide
+	series        map[string]*memBuckets
+}
+
+// memBuckets are one series' buckets, or a type's type-wide ones.
+type memBuckets struct {
+	buckets [numRes][]memBucket // each sorted by start
+	all     memBucket
 }
 
 type memBucket struct {
@@ -67,8 +79,8 @@ type memBucket struct {
 	bins []byte // packed (see addBins); replaced, never changed in place
 }
 
-func newMemoryStore(h retention, maxTypes int) *memoryStore {
-	return &memoryStore{horizon: h, maxTypes: maxTypes}
+func newMemoryStore(h retention, maxTypes, maxSeries int) *memoryStore {
+	return &memoryStore{horizon: h, maxTypes: maxTypes, maxSeries: maxSeries}
 }
 
 func (m *memoryStore) lookup(typ string) *memType {
@@ -122,6 +134,10 @@ func (m *memoryStore) add(_ context.Context, batches []typeBatch, now time.Time)
 			m.release(reserved)
 			return &tooOldError{typ: b.typ, anchor: anchors[i]}
 		}
+		if err := t.seriesRoom(b, m.maxSeries); err != nil {
+			m.release(reserved)
+			return err
+		}
 	}
 	for i, b := range batches {
 		all[i].apply(b, anchors[i], m.horizon)
@@ -134,7 +150,37 @@ func (t *memType) apply(b typeBatch, anchor int64, h retention) {
 		t.first, t.newest = b.first, b.newest
 	}
 	t.first, t.newest = min(t.first, b.first), max(t.newest, b.newest)
-	for _, d := range b.deltas {
+	t.memBuckets.apply(b.deltas, anchor, h)
+	for _, sb := range b.series {
+		s := t.series[sb.id]
+		if s == nil {
+			if t.series == nil {
+				t.series = map[string]*memBuckets{}
+			}
+			s = &memBuckets{}
+			t.series[sb.id] = s
+		}
+		s.apply(sb.deltas, anchor, h)
+	}
+	t.version.Add(uint64(b.samples))
+}
+
+// seriesRoom refuses a batch that would take the type past maxSeries
+// series, naming the first new series, by id, beyond the limit.
+func (t *memType) seriesRoom(b typeBatch, maxSeries int) error {
+	room := maxSeries - len(t.series)
+	for _, sb := range b.series {
+		if _, ok := t.series[sb.id]; !ok {
+			if room--; room < 0 {
+				return &tooManySeriesError{typ: b.typ, id: sb.id}
+			}
+		}
+	}
+	return nil
+}
+
+func (t *memBuckets) apply(deltas []bucketDelta, anchor int64, h retention) {
+	for _, d := range deltas {
 		if d.res == resAll {
 			t.all.merge(d)
 			continue
@@ -156,7 +202,6 @@ func (t *memType) apply(b typeBatch, anchor int64, h retention) {
 		}
 		t.buckets[d.res][i].merge(d)
 	}
-	t.version.Add(uint64(b.samples))
 }
 
 func (b *memBucket) merge(d bucketDelta) {
@@ -237,16 +282,38 @@ func (m *memoryStore) meta(_ context.Context, typ string) (typeMeta, error) {
 }
 
 func (t *memType) metaLocked(typ string) typeMeta {
-	return typeMeta{name: typ, version: t.version.Load(), first: t.first, newest: t.newest, total: t.all.stats}
+	return typeMeta{name: typ, version: t.version.Load(), first: t.first, newest: t.newest, total: t.all.stats, series: len(t.series)}
 }
 
-func (m *memoryStore) read(_ context.Context, typ string, spans []span) (typeMeta, []storedBucket, error) {
+func (m *memoryStore) read(_ context.Context, typ string, series []string, spans []span) (typeMeta, [][]storedBucket, error) {
+	out := make([][]storedBucket, len(series))
 	t := m.lookup(typ)
 	if t == nil {
-		return typeMeta{name: typ}, nil, nil
+		return typeMeta{name: typ}, out, nil
 	}
 	t.mu.RLock()
 	defer t.mu.RUnlock()
+	for i, id := range series {
+		if id == typeWide {
+			out[i] = t.memBuckets.read(spans)
+		} else if s := t.series[id]; s != nil {
+			out[i] = s.read(spans)
+		}
+	}
+	return t.metaLocked(typ), out, nil
+}
+
+func (m *memoryStore) series(_ context.Context, typ string) (uint64, []string, error) {
+	t := m.lookup(typ)
+	if t == nil {
+		return 0, nil, nil
+	}
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.version.Load(), slices.Sorted(maps.Keys(t.series)), nil
+}
+
+func (t *memBuckets) read(spans []span) []storedBucket {
 	var out []storedBucket
 	for _, s := range spans {
 		if s.res == resAll {
@@ -261,7 +328,7 @@ func (m *memoryStore) read(_ context.Context, typ string, spans []span) (typeMet
 			out = append(out, list[i].stored(s.res))
 		}
 	}
-	return t.metaLocked(typ), out, nil
+	return out
 }
 
 func (m *memoryStore) types(context.Context) ([]typeMeta, error) {
@@ -295,24 +362,29 @@ func (m *memoryStore) sweep(now time.Time) {
 		t := v.(*memType)
 		t.mu.Lock()
 		anchor := anchorOf(t.newest, now.UnixMicro())
-		for r := res1s; r < numRes; r++ {
-			first := m.horizon.firstKept(r, anchor)
-			list := t.buckets[r]
-			n := sort.Search(len(list), func(j int) bool { return list[j].start >= first })
-			if n == 0 {
-				continue
-			}
-			// A fresh array once most of the old one is behind us, so the
-			// memory of dropped buckets goes back.
-			if rest := list[n:]; len(rest) < cap(list)/4 {
-				t.buckets[r] = slices.Clone(rest)
-			} else {
-				t.buckets[r] = rest
-			}
+		t.memBuckets.sweep(m.horizon, anchor)
+		for _, s := range t.series {
+			s.sweep(m.horizon, anchor)
 		}
 		t.mu.Unlock()
 		return true
 	})
+}
+
+// sweep drops the buckets retention no longer keeps at anchor.
+func (t *memBuckets) sweep(h retention, anchor int64) {
+	for r := res1s; r < numRes; r++ {
+		first := h.firstKept(r, anchor)
+		list := t.buckets[r]
+		n := sort.Search(len(list), func(j int) bool { return list[j].start >= first })
+		// A fresh array once most of the old one is behind us, so the
+		// memory of dropped buckets goes back.
+		if rest := list[n:]; n > 0 && len(rest) < cap(list)/4 {
+			t.buckets[r] = slices.Clone(rest)
+		} else {
+			t.buckets[r] = rest
+		}
+	}
 }
 
 // ---- Redis ----
@@ -322,10 +394,11 @@ func (m *memoryStore) sweep(now time.Time) {
 // also deletes what retention no longer keeps; one read is one round trip
 // of MULTI/EXEC blocks.
 type redisStore struct {
-	pool     *redisPool
-	keys     keys
-	horizon  retention
-	maxTypes int
+	pool      *redisPool
+	keys      keys
+	horizon   retention
+	maxTypes  int
+	maxSeries int
 }
 
 //go:embed lua/ingest.lua
@@ -333,8 +406,8 @@ var ingestLua string
 
 var ingestScript = newScript(ingestLua)
 
-func newRedisStore(pool *redisPool, k keys, h retention, maxTypes int) *redisStore {
-	return &redisStore{pool: pool, keys: k, horizon: h, maxTypes: maxTypes}
+func newRedisStore(pool *redisPool, k keys, h retention, maxTypes, maxSeries int) *redisStore {
+	return &redisStore{pool: pool, keys: k, horizon: h, maxTypes: maxTypes, maxSeries: maxSeries}
 }
 
 // ingestGrace is how long past REDIS_TIMEOUT an ingest waits for its
@@ -359,25 +432,42 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 	idx := s.indexed()
 	ix := map[resolution]int{}
 	keys := []string{s.keys.types(), s.keys.compactTypes()}
-	args := []any{0, now.UnixMicro(), s.maxTypes, len(batches), len(idx)}
+	args := []any{0, now.UnixMicro(), s.maxTypes, s.maxSeries, len(batches), len(idx)}
 	for i, r := range idx {
 		ix[r] = i + 1
 		args = append(args, s.horizon[r], r.seconds(), r.chunk()*r.seconds())
 	}
 	for _, b := range batches {
-		keys = append(keys, s.keys.meta(b.typ))
-		args = append(args, b.typ, b.samples, b.first, b.newest, b.keepUntil, len(b.deltas))
-		for _, r := range idx {
-			args = append(args, s.keys.bucketPrefix(b.typ, r))
+		keys = append(keys, s.keys.meta(b.typ), s.keys.seriesRegistry(b.typ), s.keys.compactBuckets(b.typ))
+		args = append(args, b.typ, b.samples, b.first, b.newest, b.keepUntil, 1+len(b.series))
+		// The type-wide unit, then each series; a series' records are the
+		// type's own when it is the batch's only one, encoded once.
+		unit := func(id, hash string, deltas []bucketDelta, recs [][]byte) [][]byte {
+			u := s.keys.unit(b.typ, id)
+			keys = append(keys, unitMeta(u))
+			args = append(args, id, hash, len(deltas))
+			for _, r := range idx {
+				args = append(args, bucketPrefix(u, r))
+			}
+			for i, d := range deltas {
+				if len(recs) <= i {
+					recs = append(recs, bucketRecord(d))
+				}
+				keys = append(keys, bucketKey(u, d.res, d.start))
+				args = append(args, ix[d.res], d.start, s.horizon.expiry(d.res, d.start), recs[i])
+			}
+			for _, r := range idx {
+				keys = append(keys, indexKey(u, r))
+			}
+			return recs
 		}
-		for _, d := range b.deltas {
-			keys = append(keys, s.keys.bucket(b.typ, d.res, d.start))
-			args = append(args, ix[d.res], d.start, s.horizon.expiry(d.res, d.start), bucketRecord(d))
+		recs := unit(typeWide, "", b.deltas, nil)
+		for _, sb := range b.series {
+			if len(b.series) > 1 {
+				recs = nil
+			}
+			unit(sb.id, seriesHash(sb.id), sb.deltas, recs)
 		}
-		for _, r := range idx {
-			keys = append(keys, s.keys.index(b.typ, r))
-		}
-		keys = append(keys, s.keys.compactBuckets(b.typ))
 	}
 	start := time.Now()
 	fence := start.Add(s.pool.timeout / 2)
@@ -394,6 +484,11 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 		switch {
 		case len(f) == 2 && f[0] == "TOOMANYTYPES":
 			return &tooManyTypesError{f[1]}
+		case len(f) == 3 && f[0] == "TOOMANYSERIES":
+			return &tooManySeriesError{typ: f[1], id: seriesByHash(batches, f[1], f[2])}
+		case len(f) == 3 && f[0] == "COLLISION":
+			return unprocessable("labels {%s} of %s cannot be stored: their key collides with another series of the type; rename a label",
+				seriesByHash(batches, f[1], f[2]), f[1])
 		case len(f) == 3 && f[0] == "TOOOLD":
 			anchor, perr := strconv.ParseInt(f[2], 10, 64)
 			if perr == nil {
@@ -405,6 +500,19 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 		s.pool.tel.storeError("ingest")
 	}
 	return err
+}
+
+// seriesByHash finds the id of the series of typ in batches whose hash is
+// hash.
+func seriesByHash(batches []typeBatch, typ, hash string) string {
+	for _, b := range batches {
+		for _, sb := range b.series {
+			if b.typ == typ && seriesHash(sb.id) == hash {
+				return sb.id
+			}
+		}
+	}
+	return hash
 }
 
 // bucketRecord is what an ingest adds to a bucket, as the script appends
@@ -495,21 +603,29 @@ func fmtFloat(f float64) string { return strconv.FormatFloat(f, 'g', -1, 64) }
 // them to about a millisecond of Redis's time.
 const readBlock = 1000
 
-func (s *redisStore) read(ctx context.Context, typ string, spans []span) (meta typeMeta, out []storedBucket, err error) {
+func (s *redisStore) read(ctx context.Context, typ string, series []string, spans []span) (meta typeMeta, out [][]storedBucket, err error) {
 	type ref struct {
-		res   resolution
-		start int64
+		series int
+		res    resolution
+		start  int64
 	}
 	var refs []ref
-	for _, sp := range spans {
-		if sp.res == resAll {
-			refs = append(refs, ref{resAll, 0})
-			continue
-		}
-		for t := sp.start; t < sp.end; t += sp.res.seconds() {
-			refs = append(refs, ref{sp.res, t})
+	for i := range series {
+		for _, sp := range spans {
+			if sp.res == resAll {
+				refs = append(refs, ref{i, resAll, 0})
+				continue
+			}
+			for t := sp.start; t < sp.end; t += sp.res.seconds() {
+				refs = append(refs, ref{i, sp.res, t})
+			}
 		}
 	}
+	units := make([]string, len(series))
+	for i, id := range series {
+		units[i] = s.keys.unit(typ, id)
+	}
+	out = make([][]storedBucket, len(series))
 	err = s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
 		for i := 0; i == 0 || i < len(refs); i += readBlock {
 			c.Send("MULTI")
@@ -517,7 +633,7 @@ func (s *redisStore) read(ctx context.Context, typ string, spans []span) (meta t
 				c.Send("HMGET", s.keys.meta(typ), "v", "f", "n")
 			}
 			for _, r := range refs[i:min(i+readBlock, len(refs))] {
-				c.Send("GET", s.keys.bucket(typ, r.res, r.start))
+				c.Send("GET", bucketKey(units[r.series], r.res, r.start))
 			}
 			c.Send("EXEC")
 		}
@@ -552,12 +668,33 @@ func (s *redisStore) read(ctx context.Context, typ string, spans []span) (meta t
 					return err
 				}
 				sb.res, sb.start = r.res, r.start
-				out = append(out, sb)
+				out[r.series] = append(out[r.series], sb)
 			}
 		}
 		return nil
 	})
 	return meta, out, err
+}
+
+func (s *redisStore) series(ctx context.Context, typ string) (version uint64, ids []string, err error) {
+	err = s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
+		c.Send("MULTI")
+		c.Send("HGET", s.keys.meta(typ), "v")
+		c.Send("HVALS", s.keys.seriesRegistry(typ))
+		replies, err := redis.Values(do(c, deadline, "EXEC"))
+		if err != nil {
+			return err
+		}
+		if replies[0] != nil {
+			if version, err = redis.Uint64(replies[0], nil); err != nil {
+				return err
+			}
+		}
+		ids, err = redis.Strings(replies[1], nil)
+		return err
+	})
+	slices.Sort(ids)
+	return version, ids, err
 }
 
 func parseMeta(typ string, reply any) (typeMeta, error) {
@@ -675,14 +812,18 @@ func (s *redisStore) metas(ctx context.Context, names []string) ([]typeMeta, err
 	err := s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
 		for _, name := range names {
 			c.Send("HMGET", s.keys.meta(name), "v", "f", "n")
+			c.Send("HLEN", s.keys.seriesRegistry(name))
 		}
 		replies, err := redis.Values(do(c, deadline, ""))
 		if err != nil {
 			return err
 		}
-		for n, rep := range replies {
-			m, err := parseMeta(names[n], rep)
+		for n := range names {
+			m, err := parseMeta(names[n], replies[2*n])
 			if err != nil {
+				return err
+			}
+			if m.series, err = redis.Int(replies[2*n+1], nil); err != nil {
 				return err
 			}
 			// Every sample ever stored is in the running total, and only

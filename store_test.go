@@ -157,15 +157,15 @@ func TestWindowsMatchBruteForce(t *testing.T) {
 				to = nil
 			}
 		}
-		m, _, err := mem.reader.window(ctx, "cpu", from, to)
+		m, _, err := mem.reader.window(ctx, "cpu", from, to, labelFilter{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		rd, _, err := redisA.reader.window(ctx, "cpu", from, to)
+		rd, _, err := redisA.reader.window(ctx, "cpu", from, to, labelFilter{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		mv, rv := m.values(), rd.values()
+		mv, rv := onlyGroup(m), onlyGroup(rd)
 		checkAgainstBruteForce(t, "memory", mv, raw, from, to)
 		checkAgainstBruteForce(t, "redis", rv, raw, from, to)
 		if !sameValues(mv, rv) {
@@ -343,7 +343,7 @@ func TestRetentionDropsBuckets(t *testing.T) {
 			}
 		}
 		from, to := t0+1, e.clock.now().Unix()+1
-		if _, _, err := e.b.reader.window(ctx, "cpu", &from, &to); err == nil || !strings.Contains(err.Error(), "kept per minute") {
+		if _, _, err := e.b.reader.window(ctx, "cpu", &from, &to, labelFilter{}); err == nil || !strings.Contains(err.Error(), "kept per minute") {
 			t.Errorf("a window from a second whose detail aged out = %v, want 422 saying it is kept per minute", err)
 		}
 		from = floorTo(t0, 60)
@@ -356,7 +356,7 @@ func TestRetentionDropsBuckets(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, _, err := e.b.reader.series(ctx, "cpu", plan, false); err == nil || !strings.Contains(err.Error(), "kept per minute") ||
+		if _, _, err := e.b.reader.series(ctx, "cpu", plan, labelFilter{}, false); err == nil || !strings.Contains(err.Error(), "kept per minute") ||
 			!strings.Contains(err.Error(), "use a step of whole minutes") {
 			t.Errorf("a per-second series from a second whose detail aged out = %v, want 422 saying it is kept per minute", err)
 		}

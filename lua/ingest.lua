@@ -4,15 +4,21 @@
 -- want of memory only at its first write.
 --
 -- KEYS: the set of type names, the set of types with buckets to compact;
--- then per type its meta hash, one string per bucket it adds to (in ARGV's
--- order), one retention index per resolution that is not kept forever, and
--- its set of buckets to compact.
+-- then per type its meta hash, its series registry, its set of buckets to
+-- compact, and per unit (the type-wide buckets first, then each series of
+-- the ingest) the unit's meta hash (the type's own for the type-wide
+-- unit), one string per bucket it adds to (in ARGV's order) and one
+-- retention index per resolution that is not kept forever.
 -- ARGV: fence (Unix us, Redis's clock), now (Unix us, the service's
--- clock), MAX_TYPES, the number of types, the number of indexes nidx; nidx triples (horizon, bucket width, chunk span, in
+-- clock), MAX_TYPES, MAX_SERIES, the number of types, the number of
+-- indexes nidx; nidx triples (horizon, bucket width, chunk span, in
 -- seconds); then per type: name, samples, first and newest (Unix us),
--- keepUntil (the anchor at which some sample would no longer be kept), bucket count nb, nidx bucket-name prefixes;
--- then per bucket: index number (0: none), start, expiry (the anchor at
--- which it goes; a huge number for never), and what the ingest adds to it as one record.
+-- keepUntil (the anchor at which some sample would no longer be kept),
+-- the number of units; per unit: series id ('*' for type-wide), its hash
+-- ('' for type-wide), bucket count nb, nidx bucket-name prefixes; then per
+-- bucket: index number (0: none), start, expiry (the anchor at which it
+-- goes; a huge number for never), and what the ingest adds to it as one
+-- record.
 --
 -- A bucket is an 8-byte header (the size of its records at its last
 -- compaction and a compaction count, little-endian), then records, each as
@@ -27,9 +33,9 @@ if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[1]) then
   return redis.error_reply('FENCED ingest reached Redis after its deadline')
 end
 local nowUs = tonumber(ARGV[2])
-local maxTypes = tonumber(ARGV[3])
-local ntypes, nidx = tonumber(ARGV[4]), tonumber(ARGV[5])
-local a = 6
+local maxTypes, maxSeries = tonumber(ARGV[3]), tonumber(ARGV[4])
+local ntypes, nidx = tonumber(ARGV[5]), tonumber(ARGV[6])
+local a = 7
 local idx = {}
 for i = 1, nidx do
   idx[i] = {h = tonumber(ARGV[a]), w = tonumber(ARGV[a + 1]), span = tonumber(ARGV[a + 2])}
@@ -45,10 +51,9 @@ local types, k = {}, 3
 for i = 1, ntypes do
   local ty = {name = ARGV[a], n = tonumber(ARGV[a + 1]), first = tonumber(ARGV[a + 2]),
     newest = tonumber(ARGV[a + 3]), keepUntil = tonumber(ARGV[a + 4]), meta = KEYS[k],
-    buckets = {}, prefixes = {}, idxKeys = {}, created = {}}
-  local nb = tonumber(ARGV[a + 5])
-  a = a + 6
-  for j = 1, nidx do ty.prefixes[j] = ARGV[a]; a = a + 1 end
+    registry = KEYS[k + 1], compactKey = KEYS[k + 2], units = {}}
+  local nunits = tonumber(ARGV[a + 5])
+  a, k = a + 6, k + 3
   local m = redis.call('HMGET', ty.meta, 'v', 'f', 'n', 's')
   ty.version = tonumber(m[1]) or 0
   if ty.version > 0 then
@@ -56,42 +61,68 @@ for i = 1, ntypes do
     ty.newest = math.max(ty.newest, tonumber(m[3]))
   end
   ty.anchor = math.floor(math.min(ty.newest, nowUs) / 1000000)
-  -- Retention runs when the anchor has passed where it last finished
-  -- (field s), whether samples or the clock moved it.
-  ty.sweep = ty.version > 0 and nidx > 0 and ty.anchor > (tonumber(m[4]) or -math.huge)
-  local firstKey = k + 1
-  k = k + 1
-  for j = 1, nb do
-    ty.buckets[j] = {key = KEYS[k], ix = tonumber(ARGV[a]), start = tonumber(ARGV[a + 1]),
-      expiry = tonumber(ARGV[a + 2]), rec = ARGV[a + 3]}
-    a = a + 4
-    k = k + 1
+  local firstKey = k
+  for u = 1, nunits do
+    local un = {id = ARGV[a], hash = ARGV[a + 1], meta = KEYS[k], buckets = {}, prefixes = {},
+      idxKeys = {}, created = {}}
+    local nb = tonumber(ARGV[a + 2])
+    a, k = a + 3, k + 1
+    for j = 1, nidx do un.prefixes[j] = ARGV[a]; a = a + 1 end
+    for j = 1, nb do
+      un.buckets[j] = {key = KEYS[k], ix = tonumber(ARGV[a]), start = tonumber(ARGV[a + 1]),
+        expiry = tonumber(ARGV[a + 2]), rec = ARGV[a + 3]}
+      a, k = a + 4, k + 1
+    end
+    for j = 1, nidx do un.idxKeys[j] = KEYS[k]; k = k + 1 end
+    ty.units[u] = un
   end
-  for j = 1, nidx do ty.idxKeys[j] = KEYS[k]; k = k + 1 end
-  ty.compactKey = KEYS[k]
-  k = k + 1
+  -- The series: known ones by their hash, new ones within MAX_SERIES, and
+  -- a hash that names another series refused rather than merged.
+  local hashes = {}
+  for u = 2, nunits do hashes[#hashes + 1] = ty.units[u].hash end
+  local known = #hashes > 0 and redis.call('HMGET', ty.registry, unpack(hashes)) or {}
+  local room = maxSeries - redis.call('HLEN', ty.registry)
+  for u = 2, nunits do
+    local un, id = ty.units[u], known[u - 1]
+    if id then
+      if id ~= un.id then return redis.error_reply('COLLISION ' .. ty.name .. ' ' .. un.hash) end
+      un.known = true
+    else
+      room = room - 1
+      if room < 0 then ty.overSeries = ty.overSeries or un.hash end
+    end
+  end
+  -- Retention runs in a unit when the anchor has passed where it last
+  -- finished there (field s), whether samples or the clock moved it.
+  for u, un in ipairs(ty.units) do
+    local s = u == 1 and m[4] or redis.call('HGET', un.meta, 's')
+    un.fresh = s == false
+    un.sweep = ty.version > 0 and nidx > 0 and ty.anchor > (tonumber(s) or -math.huge)
+  end
   -- A new type's keys are usually all absent, which EXISTS shows at once;
   -- otherwise each bucket is read, which also fails here on a key of the
   -- wrong type or form rather than halfway through the writes.
   local present = ty.version > 0
-  for j = firstKey, k - 2, 1000 do
-    present = present or redis.call('EXISTS', unpack(KEYS, j, math.min(j + 999, k - 2))) > 0
+  for j = firstKey, k - 1, 1000 do
+    present = present or redis.call('EXISTS', unpack(KEYS, j, math.min(j + 999, k - 1))) > 0
   end
   if present then
-    local indexed = {}
-    for _, b in ipairs(ty.buckets) do
-      local v = redis.call('GETRANGE', b.key, 0, headerLen - 1)
-      if v ~= '' then
-        if #v ~= headerLen then return redis.error_reply('MALFORMED bucket ' .. b.key) end
-        b.clen = struct.unpack('<I4', v)
-      elseif b.ix > 0 then
-        indexed[b.ix] = true
+    for _, un in ipairs(ty.units) do
+      local indexed = {}
+      for _, b in ipairs(un.buckets) do
+        local v = redis.call('GETRANGE', b.key, 0, headerLen - 1)
+        if v ~= '' then
+          if #v ~= headerLen then return redis.error_reply('MALFORMED bucket ' .. b.key) end
+          b.clen = struct.unpack('<I4', v)
+        elseif b.ix > 0 then
+          indexed[b.ix] = true
+        end
       end
+      if un.sweep then
+        for j = 1, nidx do indexed[j] = true end
+      end
+      for j in pairs(indexed) do redis.call('ZCARD', un.idxKeys[j]) end
     end
-    if ty.sweep then
-      for j = 1, nidx do indexed[j] = true end
-    end
-    for j in pairs(indexed) do redis.call('ZCARD', ty.idxKeys[j]) end
     redis.call('SCARD', ty.compactKey)
   end
   types[i] = ty
@@ -110,7 +141,8 @@ for j = 1, #names, 1000 do
   for i, m in ipairs(members) do names[j + i - 1].member = m == 1 end
 end
 -- The same order of refusals as the memory store: a new type too old,
--- then MAX_TYPES, then an existing type too old; each the first by name.
+-- then MAX_TYPES, then by type an existing type too old or MAX_SERIES;
+-- each the first by name.
 local function tooOld(ty) return ty.keepUntil <= ty.anchor end
 local newTypes, firstNew = 0, nil
 for _, ty in ipairs(types) do
@@ -130,18 +162,21 @@ for _, ty in ipairs(types) do
   if tooOld(ty) then
     return redis.error_reply('TOOOLD ' .. ty.name .. ' ' .. int(ty.anchor))
   end
+  if ty.overSeries then
+    return redis.error_reply('TOOMANYSERIES ' .. ty.name .. ' ' .. ty.overSeries)
+  end
 end
 
 -- Write phase.
 
-local function apply(ty, b)
+local function apply(ty, un, b)
   if not b.clen then
     redis.call('SET', b.key, struct.pack('<I4I4', #b.rec, 0) .. b.rec)
     if b.ix > 0 then
       local span = idx[b.ix].span
       local cs = b.start - b.start % span
-      redis.call('ZADD', ty.idxKeys[b.ix], cs, int(cs))
-      ty.created[b.ix] = (ty.created[b.ix] or 0) + 1
+      redis.call('ZADD', un.idxKeys[b.ix], cs, int(cs))
+      un.created[b.ix] = (un.created[b.ix] or 0) + 1
     end
   else
     local size = redis.call('APPEND', b.key, b.rec) - headerLen
@@ -167,35 +202,51 @@ end
 for j = 1, #fresh, 1000 do
   redis.call('SADD', KEYS[1], unpack(fresh, j, math.min(j + 999, #fresh)))
 end
-for _, ty in ipairs(types) do
-  for _, b in ipairs(ty.buckets) do
-    if b.expiry > ty.anchor then apply(ty, b) end
-  end
-  if ty.compact then redis.call('SADD', KEYS[2], ty.name) end
-  -- Retention: delete the chunks of buckets that the anchor has passed.
-  -- Each index drops more chunks than this ingest created in it, so a
-  -- backlog only shrinks, and the whole script drops at most sweepBudget
-  -- chunks, so no one ingest pays for a long pause; a type whose sweep did
-  -- not finish keeps its old s and carries on at its next ingest.
+-- sweep deletes the chunks of a unit's buckets that the anchor has
+-- passed. Each index drops more chunks than this ingest created in it, so
+-- a backlog only shrinks, and the whole script drops at most sweepBudget
+-- chunks, so no one ingest pays for a long pause; a unit whose sweep did
+-- not finish keeps its old s and carries on at its next ingest. It
+-- reports whether it finished.
+local function sweep(ty, un)
   local done = true
-  for j = 1, ty.sweep and nidx or 0 do
+  for j = 1, un.sweep and nidx or 0 do
     local ix = idx[j]
-    local limit = math.min((ty.created[j] or 0) + 4, sweepBudget)
+    local limit = math.min((un.created[j] or 0) + 4, sweepBudget)
     local old = {}
     if limit > 0 then
-      old = redis.call('ZRANGEBYSCORE', ty.idxKeys[j], '-inf', int(ty.anchor - ix.h - ix.span), 'LIMIT', 0, limit)
+      old = redis.call('ZRANGEBYSCORE', un.idxKeys[j], '-inf', int(ty.anchor - ix.h - ix.span), 'LIMIT', 0, limit)
     end
     if limit == 0 or #old == limit then done = false end
     sweepBudget = sweepBudget - #old
     for _, cs in ipairs(old) do
       local first, names = tonumber(cs), {}
-      for s = first, first + ix.span - ix.w, ix.w do names[#names + 1] = ty.prefixes[j] .. int(s) end
+      for s = first, first + ix.span - ix.w, ix.w do names[#names + 1] = un.prefixes[j] .. int(s) end
       redis.call('UNLINK', unpack(names))
-      redis.call('ZREM', ty.idxKeys[j], cs)
+      redis.call('ZREM', un.idxKeys[j], cs)
     end
   end
+  return done
+end
+
+for _, ty in ipairs(types) do
+  local added = {}
+  for u, un in ipairs(ty.units) do
+    if u > 1 and not un.known then
+      added[#added + 1], added[#added + 2] = un.hash, un.id
+    end
+    for _, b in ipairs(un.buckets) do
+      if b.expiry > ty.anchor then apply(ty, un, b) end
+    end
+    un.done = sweep(ty, un)
+    if u > 1 and (un.sweep and un.done or un.fresh) then
+      redis.call('HSET', un.meta, 's', int(ty.anchor))
+    end
+  end
+  if #added > 0 then redis.call('HSET', ty.registry, unpack(added)) end
+  if ty.compact then redis.call('SADD', KEYS[2], ty.name) end
   local meta = {'v', int(ty.version + ty.n), 'f', int(ty.first), 'n', int(ty.newest)}
-  if ty.sweep and done or ty.version == 0 then
+  if ty.units[1].sweep and ty.units[1].done or ty.version == 0 then
     meta[#meta + 1], meta[#meta + 2] = 's', int(ty.anchor)
   end
   redis.call('HSET', ty.meta, unpack(meta))

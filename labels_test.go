@@ -1,0 +1,397 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// labelledRaw is a brute-force check's copy of a labelled sample.
+type labelledRaw struct {
+	labels map[string]string
+	rawSample
+}
+
+// TestLabelsMatchBruteForce stores random samples over 200 series with
+// three label names in the memory store and in Redis (through two
+// instances, alternately), then checks random filters, group-bys, windows
+// and series against a recomputation from the raw samples, and the stores
+// against each other, to the bit.
+func TestLabelsMatchBruteForce(t *testing.T) {
+	needRedis(t)
+	cfg := testConfig(t)
+	cfg.Retention = retention{}
+	clock := newFakeClock(testEpoch.Add(10 * 24 * time.Hour))
+	mem := newMemoryBackend(cfg, clock.now)
+	prefix := testPrefix()
+	redisA := newRedisBackend(testPool(t, cfg, prefix), prefix, cfg, clock.now)
+	poolB := newRedisPool(cfg, nil)
+	t.Cleanup(func() { poolB.Close() })
+	redisB := newRedisBackend(poolB, prefix, cfg, clock.now)
+
+	rng := rand.New(rand.NewPCG(11, 12))
+	values := map[string][]string{
+		"host":   {"web-1", "web-2", "web-3", "db-1", "db-2", "a,b", `q"x`, "x=y", "é", "z"},
+		"region": {"eu", "us", "ap"},
+		"svc":    {"api", "checkout", "auth", "search"},
+	}
+	names := slices.Sorted(maps.Keys(values))
+	var sets []map[string]string
+	seen := map[string]bool{}
+	for len(sets) < 200 {
+		set := map[string]string{}
+		for _, n := range names {
+			if rng.IntN(5) > 0 {
+				set[n] = values[n][rng.IntN(len(values[n]))]
+			}
+		}
+		if id := seriesID(labelsOf(set)); !seen[id] {
+			seen[id] = true
+			sets = append(sets, set)
+		}
+	}
+	span := int64(2 * 86400)
+	var raw []labelledRaw
+	for i := 0; len(raw) < 6000; i++ {
+		var batch []sample
+		for range 1 + rng.IntN(60) {
+			set := sets[rng.IntN(len(sets))]
+			off := []int64{0, span / 2, span - 1}[rng.IntN(3)] + rng.Int64N(7200) - 3600
+			at := testEpoch.Add(time.Duration(min(max(off, 0), span-1))*time.Second).UnixMicro() + rng.Int64N(1_000_000)
+			v := float64(rng.IntN(4001)-2000) / 4
+			batch = append(batch, sample{typ: "cpu", series: seriesID(labelsOf(set)), at: at, value: v})
+			raw = append(raw, labelledRaw{set, rawSample{at, v}})
+		}
+		addSamples(t, mem.store, cfg.Retention, batch, clock.now())
+		r := redisA
+		if i%2 == 1 {
+			r = redisB
+		}
+		addSamples(t, r.store, cfg.Retention, batch, clock.now())
+	}
+	ctx := context.Background()
+	randomFilter := func() labelFilter {
+		var pairs []string
+		for range rng.IntN(3) {
+			n := names[rng.IntN(len(names))]
+			pairs = append(pairs, n+":"+values[n][rng.IntN(len(values[n]))])
+		}
+		group := ""
+		if rng.IntN(2) == 0 {
+			group = names[rng.IntN(len(names))]
+		}
+		f, err := parseLabelFilter(pairs, group)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	// want groups the raw samples as the filter does: the series without
+	// the group_by label first, then by value.
+	want := func(f labelFilter) (keys []string, groups map[string][]rawSample) {
+		groups = map[string][]rawSample{}
+		for _, r := range raw {
+			if !f.matches(labelsOf(r.labels)) {
+				continue
+			}
+			key := ""
+			if v, ok := r.labels[f.groupBy]; ok && f.groupBy != "" {
+				key = "=" + v
+			}
+			groups[key] = append(groups[key], r.rawSample)
+		}
+		return slices.Sorted(maps.Keys(groups)), groups
+	}
+	for i := range 300 {
+		f := randomFilter()
+		f0 := testEpoch.Unix() - 600 + rng.Int64N(span+1200)
+		e0 := f0 + rng.Int64N([]int64{61, 3601, 86401, span}[rng.IntN(4)])
+		from, to := &f0, &e0
+		if i%10 == 0 {
+			from, to = nil, nil
+		}
+		m, _, err := mem.reader.window(ctx, "cpu", from, to, f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rd, _, err := redisA.reader.window(ctx, "cpu", from, to, f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys, groups := want(f)
+		if len(m) != len(keys) || len(rd) != len(keys) {
+			t.Fatalf("filter %+v: %d groups in memory, %d in Redis, want %d", f, len(m), len(rd), len(keys))
+		}
+		for j, key := range keys {
+			if got := groupKey(m[j].labels, f.groupBy); got != key {
+				t.Fatalf("filter %+v: group %d is %q, want %q", f, j, got, key)
+			}
+			mv, rv := m[j].acc.values(), rd[j].acc.values()
+			checkAgainstBruteForce(t, fmt.Sprintf("memory %+v group %q", f, key), mv, groups[key], from, to)
+			if !sameValues(mv, rv) || groupKey(rd[j].labels, f.groupBy) != key {
+				t.Fatalf("filter %+v group %q: memory %+v, Redis %+v", f, key, mv, rv)
+			}
+		}
+		if i%3 != 0 {
+			continue
+		}
+		step := []int64{60, 300, 3600, 86400}[rng.IntN(4)]
+		p, err := planSeries(f0, e0, step)
+		if err != nil {
+			continue // a step the window does not allow
+		}
+		mp, _, err := mem.reader.seriesPoints(ctx, "cpu", p, f)
+		if re := (*requestError)(nil); errors.As(err, &re) && strings.Contains(re.detail, "buckets, more than") {
+			continue // too many buckets over these series
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		rp, _, err := redisA.reader.seriesPoints(ctx, "cpu", p, f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(mp) != len(keys) || len(rp) != len(keys) {
+			t.Fatalf("series %+v: %d groups in memory, %d in Redis, want %d", f, len(mp), len(rp), len(keys))
+		}
+		for j, key := range keys {
+			for k, pt := range mp[j].points {
+				lo := p.from + int64(k)*p.step
+				hi := lo + p.step
+				checkAgainstBruteForce(t, fmt.Sprintf("series %+v group %q point %d", f, key, k), pt.aggregateValues, groups[key], &lo, &hi)
+				if !sameValues(pt.aggregateValues, rp[j].points[k].aggregateValues) {
+					t.Fatalf("series %+v group %q point %d: memory %+v, Redis %+v", f, key, k, pt, rp[j].points[k])
+				}
+			}
+		}
+	}
+}
+
+// labelsOf is a label set as a list.
+func labelsOf(set map[string]string) []label {
+	var out []label
+	for _, n := range slices.Sorted(maps.Keys(set)) {
+		out = append(out, label{n, set[n]})
+	}
+	return out
+}
+
+func groupKey(labels map[string]string, groupBy string) string {
+	if v, ok := labels[groupBy]; ok {
+		return "=" + v
+	}
+	return ""
+}
+
+// TestSeriesIDCanonical checks that a label set's id ignores the order the
+// labels came in, reads back as the same set, and that label sets which
+// differ, however their values are written, never share an id.
+func TestSeriesIDCanonical(t *testing.T) {
+	sets := [][]label{
+		nil,
+		{{"a", "b,c"}},
+		{{"a", "b"}, {"c", "x"}},
+		{{"a", `b",c="x`}},
+		{{"a", `b\`}, {"c", "x"}},
+		{{"a", `b\",c=\"x`}},
+		{{"a", `\`}},
+		{{"a", `\\`}},
+		{{"a", `"`}},
+		{{"a", "b"}},
+		{{"a_", "b"}},
+		{{"A", "b"}},
+		{{"a", "b"}, {"b", "a"}},
+		{{"a", "a"}, {"b", "b"}},
+	}
+	ids := map[string][]label{}
+	for _, set := range sets {
+		id := seriesID(set)
+		if other, ok := ids[id]; ok {
+			t.Fatalf("%v and %v share the id %q", set, other, id)
+		}
+		ids[id] = set
+		back, err := parseSeriesID(id)
+		if err != nil || !slices.Equal(back, labelsOf(mapOf(set))) {
+			t.Fatalf("parseSeriesID(%q) = %v, %v; want %v", id, back, err, set)
+		}
+		reversed := slices.Clone(set)
+		slices.Reverse(reversed)
+		if seriesID(reversed) != id {
+			t.Fatalf("seriesID of %v reversed = %q, want %q", set, seriesID(reversed), id)
+		}
+	}
+}
+
+func mapOf(labels []label) map[string]string {
+	m := map[string]string{}
+	for _, l := range labels {
+		m[l.name] = l.value
+	}
+	return m
+}
+
+// TestLabelsOverHTTP posts labelled samples and reads them back as a user
+// would: label order does not matter, filters and group_by answer, the
+// labels and types endpoints list the series, and a POST to one series
+// leaves no stale type-wide, filtered or grouped answer in the cache.
+func TestLabelsOverHTTP(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		at := sampleTime.Format(time.RFC3339)
+		labelled := func(v float64, labels string) string {
+			return fmt.Sprintf(`{"timestamp":%q,"value":%g,"type":"cpu","labels":%s}`, at, v, labels)
+		}
+		for _, body := range []string{
+			labelled(1, `{"host":"web-1","region":"eu"}`),
+			labelled(2, `{"region":"eu","host":"web-1"}`), // the same series
+			"[" + labelled(4, `{"host":"web-2","region":"eu"}`) + "," + labelled(8, `{"host":"db-1","region":"us"}`) + "]",
+			metricBody("cpu", sampleTime, 16),
+		} {
+			if r := post(t, base, body); r.status != 201 {
+				t.Fatalf("POST %s = %d %s", body, r.status, r.body)
+			}
+		}
+		summary := base + "/api/metrics/summary?metric_type=cpu"
+		for _, c := range []struct{ query, want string }{
+			{"", `"count":5,"average":6.2,"sum":31`},
+			{"&label=region:eu", `"count":3,"average":2.3333333333333335,"sum":7`},
+			{"&label=region:eu&label=host:web-1", `"count":2,"average":1.5,"sum":3`},
+			{"&label=region:ap", `"count":0,"average":0,"sum":0}`},
+			{"&group_by=host", `{"type":"cpu","groups":[{"labels":{},"count":1,"average":16,"sum":16,`},
+			{"&group_by=region&label=host:db-1", `{"type":"cpu","groups":[{"labels":{"region":"us"},"count":1,"average":8,"sum":8,`},
+		} {
+			if r := get(t, summary+c.query); r.status != 200 || !strings.Contains(r.body, c.want) {
+				t.Errorf("GET summary%s = %d %s, want %s", c.query, r.status, r.body, c.want)
+			}
+		}
+		grouped := get(t, summary+"&group_by=host").body
+		for _, g := range []string{`{"labels":{"host":"db-1"},"count":1`, `{"labels":{"host":"web-1"},"count":2`, `{"labels":{"host":"web-2"},"count":1`} {
+			if !strings.Contains(grouped, g) {
+				t.Errorf("group_by=host = %s, want a group %s", grouped, g)
+			}
+		}
+		if i, j := strings.Index(grouped, `"db-1"`), strings.Index(grouped, `"web-1"`); i < 0 || j < i {
+			t.Errorf("group_by=host = %s, want groups ordered by value", grouped)
+		}
+		series := fmt.Sprintf("%s/api/metrics/series?metric_type=cpu&from=%s&to=%s&step=1m", base,
+			sampleTime.Truncate(time.Minute).Format(time.RFC3339), sampleTime.Truncate(time.Minute).Add(time.Minute).Format(time.RFC3339))
+		if r := get(t, series+"&group_by=region"); r.status != 200 || !strings.Contains(r.body, `"groups":[{"labels":{},"points":[{"time":`) ||
+			!strings.Contains(r.body, `{"labels":{"region":"eu"},"points":[{"time":`) {
+			t.Errorf("GET series group_by=region = %d %s", r.status, r.body)
+		}
+		if r := get(t, series+"&label=host:web-2"); r.status != 200 || !strings.Contains(r.body, `"count":1,"average":4,"sum":4`) {
+			t.Errorf("GET series label=host:web-2 = %d %s", r.status, r.body)
+		}
+		if r := get(t, base+"/api/metrics/labels?metric_type=cpu"); r.body != `{"type":"cpu","labels":{"host":["db-1","web-1","web-2"],"region":["eu","us"]}}`+"\n" {
+			t.Errorf("GET labels = %d %s", r.status, r.body)
+		}
+		if r := get(t, base+"/api/metrics/types"); !strings.Contains(r.body, `"series":4}`) {
+			t.Errorf("GET types = %s, want 4 series of cpu", r.body)
+		}
+
+		// Every cached answer above must see a write to one series.
+		cached := []string{summary, summary + "&label=region:eu", summary + "&group_by=host", series + "&group_by=region"}
+		before := make([]string, len(cached))
+		for i, u := range cached {
+			before[i] = get(t, u).body
+		}
+		if r := post(t, base, labelled(32, `{"host":"web-2","region":"eu"}`)); r.status != 201 {
+			t.Fatalf("POST = %d %s", r.status, r.body)
+		}
+		for i, u := range cached {
+			if after := get(t, u).body; after == before[i] {
+				t.Errorf("GET %s after a POST to host web-2 is unchanged: %s", strings.TrimPrefix(u, base), after)
+			}
+		}
+	})
+}
+
+// TestLabelsRefused checks every bad label with a 422 naming it, and that
+// nothing of a refused batch is stored.
+func TestLabelsRefused(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		at := sampleTime.Format(time.RFC3339)
+		for _, c := range []struct{ labels, want string }{
+			{`"web-1"`, "labels must be an object"},
+			{`[]`, "labels must be an object"},
+			{`{"host":1}`, "label host: value must be a string"},
+			{`{"host":null}`, "label host: value must be a string"},
+			{`{"host":""}`, "label host: value must be 1 to 128 printable characters"},
+			{`{"host":"` + strings.Repeat("x", 129) + `"}`, "label host: value must be 1 to 128"},
+			{`{"host":"a\nb"}`, "label host: value must be 1 to 128 printable characters"},
+			{`{"1host":"a"}`, `label name "1host" must match`},
+			{`{"ho-st":"a"}`, `label name "ho-st" must match`},
+			{`{"":"a"}`, `label name "" must match`},
+			{`{"` + strings.Repeat("h", 65) + `":"a"}`, "at most 64 characters"},
+			{`{"host":"a","host":"b"}`, "label host appears twice"},
+			{`{"a":"1","b":"1","c":"1","d":"1","e":"1","f":"1","g":"1","h":"1","i":"1"}`, "labels: at most 8 per sample"},
+		} {
+			good := fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":"ok"}}`, at)
+			bad := fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":%s}`, at, c.labels)
+			r := post(t, base, "["+good+","+bad+"]")
+			if d, _ := r.json(t)["detail"].(string); r.status != 422 || !strings.HasPrefix(d, "item 1: ") || !strings.Contains(d, c.want) {
+				t.Errorf("labels %s: %d %s, want 422 naming item 1: %s", c.labels, r.status, r.body, c.want)
+			}
+		}
+		if n := count(t, e.b, "cpu"); n != 0 {
+			t.Errorf("count after refused batches = %d, want 0", n)
+		}
+		for _, q := range []string{"label=host", "label=1h:x", "label=host:", "group_by=1x", "group_by=a-b"} {
+			r := get(t, base+"/api/metrics/summary?metric_type=cpu&"+q)
+			if d, _ := r.json(t)["detail"].(string); r.status != 422 || !strings.Contains(d, strings.SplitN(q, "=", 2)[0]) {
+				t.Errorf("summary?%s = %d %s, want 422 naming %s", q, r.status, r.body, strings.SplitN(q, "=", 2)[0])
+			}
+		}
+	})
+}
+
+// TestMaxSeries fills a type's MAX_SERIES: a new series beyond it is 422
+// naming the type and labels, counted, and stores nothing of its batch;
+// the existing series keep being accepted.
+func TestMaxSeries(t *testing.T) {
+	forEachStore(t, func(c *config) { c.MaxSeries = 3 }, func(t *testing.T, e storeEnv) {
+		tel := newTelemetry()
+		h := httptest.NewServer(newHandler(discardLogger(), e.cfg, tel, e.b))
+		t.Cleanup(h.Close)
+		srv := h.URL
+		at := sampleTime.Format(time.RFC3339)
+		body := func(host string) string {
+			if host == "" {
+				return metricBody("cpu", sampleTime, 1)
+			}
+			return fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":%q}}`, at, host)
+		}
+		for _, h := range []string{"", "a", "b"} {
+			if r := post(t, srv, body(h)); r.status != 201 {
+				t.Fatalf("POST host %q = %d %s", h, r.status, r.body)
+			}
+		}
+		r := post(t, srv, "["+body("a")+","+body("c")+"]")
+		if d, _ := r.json(t)["detail"].(string); r.status != 422 || !strings.Contains(d, `item 1: labels {host="c"} make a new series of cpu`) ||
+			!strings.Contains(d, "limit of 3 series") {
+			t.Errorf("POST a 4th series = %d %s, want 422 naming item 1, its labels and the limit", r.status, r.body)
+		}
+		if n := count(t, e.b, "cpu"); n != 3 {
+			t.Errorf("count after the refused batch = %d, want 3", n)
+		}
+		if got := tel.refusals["max_series"].Load(); got != 2 {
+			t.Errorf("ingest_refused_total{reason=max_series} = %d, want 2 (the batch's samples)", got)
+		}
+		for _, h := range []string{"", "a", "b"} {
+			if r := post(t, srv, body(h)); r.status != 201 {
+				t.Errorf("POST existing series %q at MAX_SERIES = %d %s", h, r.status, r.body)
+			}
+		}
+		if n := count(t, e.b, "cpu"); n != 6 {
+			t.Errorf("count = %d, want 6", n)
+		}
+	})
+}
