@@ -51,6 +51,20 @@ request = function()
   local body = '{"timestamp":"2025-01-01T10:00:00Z","value":' .. (n % 1000) .. ',"type":"' .. types[n % 16 + 1] .. '"}'
   return wrk.format("POST", "/api/metrics", {["Content-Type"] = "application/json"}, body)
 end`},
+	{name: "ingest-4-labels", path: "/api/metrics", samples: 1, script: wrkTypes + `
+request = function()
+  n = n + 1
+  local body = '{"timestamp":"2025-01-01T10:00:00Z","value":' .. (n % 1000) .. ',"type":"' .. types[n % 16 + 1] ..
+    '","labels":{"host":"web-' .. (n % 50) .. '","region":"eu","service":"checkout","az":"b"}}'
+  return wrk.format("POST", "/api/metrics", {["Content-Type"] = "application/json"}, body)
+end`},
+	{name: "ingest-8-labels", path: "/api/metrics", samples: 1, script: wrkTypes + `
+request = function()
+  n = n + 1
+  local body = '{"timestamp":"2025-01-01T10:00:00Z","value":' .. (n % 1000) .. ',"type":"' .. types[n % 16 + 1] ..
+    '","labels":{"host":"web-' .. (n % 50) .. '","region":"eu","service":"checkout","az":"b","env":"prod","team":"payments","version":"1.4.2","pod":"p-' .. (n % 7) .. '"}}'
+  return wrk.format("POST", "/api/metrics", {["Content-Type"] = "application/json"}, body)
+end`},
 	{name: "summary-hit", path: "/api/metrics/summary?metric_type=type1"},
 	{name: "mix", path: "/", script: wrkTypes + `
 request = function()
@@ -266,7 +280,8 @@ func postHour(b *testing.B, base string, n int, seed uint64) {
 					if j > 0 {
 						body.WriteByte(',')
 					}
-					at := hour.Add(time.Duration(int64(i+j) * int64(time.Hour) / int64(n)))
+					// In microseconds, so the product stays within int64.
+					at := hour.Add(time.Duration(int64(i+j)*int64(time.Hour/time.Microsecond)/int64(n)) * time.Microsecond)
 					v := math.Round(math.Exp(3+0.5*rng.NormFloat64())*10) / 10
 					fmt.Fprintf(&body, `{"timestamp":"%s","value":%g,"type":"type%d"}`, at.Format(time.RFC3339Nano), v, rng.IntN(16))
 				}
@@ -480,6 +495,9 @@ func BenchmarkIngestPath(b *testing.B) {
 		{"10000-one-type", 10000, body(10000, func(i int) string {
 			return fmt.Sprintf(`{"timestamp":"2025-01-01T10:00:%02d.%04dZ","value":%g,"type":"cpu"}`, i%60, i, float64(i%500)/4)
 		})},
+		{"10000-4-labels-20-series", 10000, body(10000, func(i int) string {
+			return fmt.Sprintf(`{"timestamp":"2025-01-01T10:00:%02d.%04dZ","value":%g,"type":"cpu","labels":{"host":"web-%d","region":"eu","service":"checkout","az":"b"}}`, i%60, i, float64(i%500)/4, i%20)
+		})},
 		{"1000-16-types", 1000, body(1000, func(i int) string {
 			return fmt.Sprintf(`{"timestamp":"2025-01-01T10:%02d:%02dZ","value":%d,"type":"type%d"}`, i/60%60, i%60, i, i%16+1)
 		})},
@@ -502,4 +520,56 @@ func BenchmarkIngestPath(b *testing.B) {
 			b.ReportMetric(float64(b.N*bd.n)/b.Elapsed().Seconds(), "samples/s")
 		})
 	}
+}
+
+// BenchmarkLabelledQuery is a cache miss over 1,000 series of one type
+// (label host, 1,000 values; label region, two): a summary grouped by host
+// and one filtered to region eu (500 series), over a 1-hour window whose
+// hour holds a sample every 10 seconds of every series.
+//
+//	go test -run '^$' -bench LabelledQuery -benchtime=20x
+func BenchmarkLabelledQuery(b *testing.B) {
+	hour := testEpoch.Add(24 * time.Hour)
+	run := func(b *testing.B, bk backend) {
+		var batch []sample
+		for s := 0; s < 3600; s += 10 {
+			for h := range 1000 {
+				id := seriesID([]label{{"host", fmt.Sprintf("web-%03d", h)}, {"region", []string{"eu", "us"}[h%2]}})
+				batch = append(batch, sample{typ: "cpu", series: id, at: hour.Add(time.Duration(s) * time.Second).UnixMicro(), value: float64(h%97 + s%13)})
+			}
+			if len(batch) >= 10000 {
+				if err := storeAdd(bk, batch...); err != nil {
+					b.Fatal(err)
+				}
+				batch = batch[:0]
+			}
+		}
+		from, to := hour.Unix(), hour.Add(time.Hour).Unix()
+		for _, c := range []struct {
+			name   string
+			f      labelFilter
+			groups int
+		}{
+			{"group_by=host", labelFilter{groupBy: "host"}, 1000},
+			{"label=region:eu", labelFilter{match: []label{{"region", "eu"}}}, 1},
+		} {
+			b.Run(c.name, func(b *testing.B) {
+				for b.Loop() {
+					groups, _, err := bk.reader.window(b.Context(), "cpu", &from, &to, c.f)
+					if err != nil || len(groups) != c.groups || groups[0].acc.count != 360*int64(1000/c.groups/(1+len(c.f.match))) {
+						b.Fatalf("window = %d groups, %v", len(groups), err)
+					}
+				}
+				b.ReportMetric(float64(b.Elapsed().Microseconds())/1000/float64(b.N), "ms/query")
+			})
+		}
+	}
+	clock := func() time.Time { return hour.Add(time.Hour) }
+	b.Run("memory", func(b *testing.B) { run(b, newMemoryBackend(testConfig(b), clock)) })
+	b.Run("redis", func(b *testing.B) {
+		needRedis(b)
+		cfg := testConfig(b)
+		prefix := testPrefix()
+		run(b, newRedisBackend(testPool(b, cfg, prefix), prefix, cfg, clock))
+	})
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"slices"
 	"strconv"
 )
 
@@ -15,7 +16,7 @@ func scanSamples(body []byte, maxBatch int) (samples []sample, batch bool, ok bo
 	s := scanner{b: body}
 	s.space()
 	if s.peek() == '{' {
-		smp, ok := s.object(nil)
+		smp, ok := s.object()
 		s.space()
 		if !ok || s.i != len(s.b) {
 			return nil, false, false
@@ -25,13 +26,14 @@ func scanSamples(body []byte, maxBatch int) (samples []sample, batch bool, ok bo
 	if !s.take('[') {
 		return nil, false, false
 	}
-	types := map[string]string{} // one string per type name in the batch
+	// One string per type name and per label set in the batch.
+	s.types, s.ids = map[string]string{}, map[string]string{}
 	// No object the fast path takes is shorter than minObjectBytes, so this
 	// is room for every sample, however the body is spaced.
 	samples = make([]sample, 0, min(maxBatch, len(body)/minObjectBytes+1))
 	for {
 		s.space()
-		smp, ok := s.object(types)
+		smp, ok := s.object()
 		if !ok || len(samples) == maxBatch {
 			return nil, true, false
 		}
@@ -61,6 +63,9 @@ type scanner struct {
 	// Unix seconds: a batch's timestamps mostly share it.
 	minute     []byte
 	minuteSecs int64
+	// In a batch, the type names and the series ids already seen (by the
+	// labels object as written), so each is checked and allocated once.
+	types, ids map[string]string
 }
 
 // timestamp is quickTimestamp, reading a minute only when it differs from
@@ -100,15 +105,15 @@ func (s *scanner) space() {
 	}
 }
 
-// keyHint tells "timestamp", "value" and "type" apart by their first
-// letters: 'i' (ti), 'v', 'y' (ty), or 0.
+// keyHint tells "timestamp", "value", "type" and "labels" apart by their
+// first letters: 'i' (ti), 'v', 'y' (ty), 'l', or 0.
 func (s *scanner) keyHint() byte {
 	if s.i+2 >= len(s.b) || s.b[s.i] != '"' {
 		return 0
 	}
 	switch s.b[s.i+1] {
-	case 'v':
-		return 'v'
+	case 'v', 'l':
+		return s.b[s.i+1]
 	case 't':
 		return s.b[s.i+2]
 	}
@@ -201,16 +206,15 @@ func (s *scanner) digits() int {
 	return n
 }
 
-// object reads one metric object. types, when not nil, holds the type
-// names already seen (and valid), so a batch allocates and checks each
-// name once.
-func (s *scanner) object(types map[string]string) (sample, bool) {
+// object reads one metric object.
+func (s *scanner) object() (sample, bool) {
 	if !s.take('{') {
 		return sample{}, false
 	}
 	var (
 		ts, typ []byte
 		v       float64
+		series  string
 		seen    int
 	)
 	for {
@@ -238,6 +242,12 @@ func (s *scanner) object(types map[string]string) (sample, bool) {
 			}
 			typ, ok = s.raw()
 			bit = 4
+		case 'l':
+			if !s.key(`"labels"`) {
+				return sample{}, false
+			}
+			series, ok = s.labels()
+			bit = 8
 		default:
 			return sample{}, false // other keys take the general path
 		}
@@ -253,17 +263,17 @@ func (s *scanner) object(types map[string]string) (sample, bool) {
 			return sample{}, false
 		}
 	}
-	if seen != 7 {
+	if seen&7 != 7 {
 		return sample{}, false // a missing key: the general path words it
 	}
-	name, ok := types[string(typ)]
+	name, ok := s.types[string(typ)]
 	if !ok {
 		name = string(typ)
 		if validType(name) != nil {
 			return sample{}, false
 		}
-		if types != nil {
-			types[name] = name
+		if s.types != nil {
+			s.types[name] = name
 		}
 	}
 	at, ok := s.timestamp(ts)
@@ -271,7 +281,79 @@ func (s *scanner) object(types map[string]string) (sample, bool) {
 		return sample{}, false // an unusual timestamp takes the general path
 	}
 	v, err := checkValue(v)
-	return sample{typ: name, at: at, value: v}, err == nil
+	return sample{typ: name, series: series, at: at, value: v}, err == nil
+}
+
+// labels reads a labels object of plain strings (no escapes), valid as
+// parseLabels would find it, as its series id. Anything else, null
+// included, takes the general path, which also words the error.
+func (s *scanner) labels() (string, bool) {
+	start := s.i
+	if !s.take('{') {
+		return "", false
+	}
+	var pairs [maxLabels][2][]byte
+	n := 0
+	s.space()
+	for !s.take('}') {
+		if n > 0 {
+			if !s.take(',') {
+				return "", false
+			}
+			s.space()
+		}
+		if n == maxLabels {
+			return "", false
+		}
+		name, ok := s.plain()
+		s.space()
+		if !ok || !s.take(':') {
+			return "", false
+		}
+		s.space()
+		value, ok := s.plain()
+		if !ok {
+			return "", false
+		}
+		pairs[n] = [2][]byte{name, value}
+		n++
+		s.space()
+	}
+	written := s.b[start:s.i]
+	if id, ok := s.ids[string(written)]; ok {
+		return id, true
+	}
+	labels := make([]label, n)
+	for i, p := range pairs[:n] {
+		labels[i] = label{string(p[0]), string(p[1])}
+		if validLabelName(labels[i].name) != nil || validLabelValue(labels[i].name, labels[i].value) != nil ||
+			slices.ContainsFunc(labels[:i], func(l label) bool { return l.name == labels[i].name }) {
+			return "", false
+		}
+	}
+	id := seriesID(labels)
+	if s.ids != nil {
+		s.ids[string(written)] = id
+	}
+	return id, true
+}
+
+// plain reads a string without escapes or control characters.
+func (s *scanner) plain() ([]byte, bool) {
+	if !s.take('"') {
+		return nil, false
+	}
+	for j := s.i; j < len(s.b); j++ {
+		switch c := s.b[j]; {
+		case c == '"':
+			v := s.b[s.i:j]
+			s.i = j + 1
+			return v, true
+		case c == '\\' || c < 0x20:
+			return nil, false
+		}
+	}
+	return nil, false
 }
 
 // quickTimestamp reads the usual timestamp shape, as Unix microseconds:

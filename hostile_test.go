@@ -40,6 +40,15 @@ var fuzzSeeds = []string{
 	`[{"timestamp":"2025-01-01T10:01:00Z","value":25,"type":"cpu"},{"timestamp":"2025-01-01T12:02:00+02:00","value":50,"type":"cpu"}]`,
 	`{"timestamp":"2025-01-01T12:00:00.123456789+02:00","value":-1.5,"type":"mem.used_MB-2","host":"a","tags":{"x":[1,2]}}`,
 	` [ {"type":"b","value":2,"timestamp":"2025-01-01T00:00:01Z"} , {"type":"a","value":1,"timestamp":"2025-01-01T00:00:00Z"},{"type":"b","value":0.1,"timestamp":"2024-12-31T23:59:59.999999Z"} ] `,
+	// Labels, plain and written otherwise.
+	`[{"timestamp":"2025-01-01T10:00:00Z","value":1,"type":"cpu","labels":{"host":"web-1","region":"eu"}},{"timestamp":"2025-01-01T10:00:01Z","value":2,"type":"cpu","labels":{ "region" : "eu" , "host":"web-1" }},{"labels":{},"timestamp":"2025-01-01T10:00:02Z","value":3,"type":"cpu"}]`,
+	`{"timestamp":"2025-01-01T10:00:00Z","value":1,"type":"cpu","labels":{"h":"a\"b","h2":"\u00e9,x=\"y\""}}`,
+	`{"timestamp":"2025-01-01T10:00:00Z","value":1,"type":"cpu","labels":{"h":"a","h":"b"}}`,
+	`{"timestamp":"2025-01-01T10:00:00Z","value":1,"type":"cpu","labels":null}`,
+	`{"timestamp":"2025-01-01T10:00:00Z","value":1,"type":"cpu","labels":{"1h":"a"}}`,
+	`{"timestamp":"2025-01-01T10:00:00Z","value":1,"type":"cpu","labels":{"a":"1","b":"1","c":"1","d":"1","e":"1","f":"1","g":"1","h":"1","i":"1"}}`,
+	`{"timestamp":"2025-01-01T10:00:00Z","value":1,"type":"cpu","labels":{"h":"\u0001"}}`,
+	`{"timestamp":"2025-01-01T10:00:00Z","value":1,"type":"cpu","Labels":{"h":"x"}}`,
 	// Not JSON, or JSON of the wrong shape.
 	``, ` `, `{`, `{"timestamp":`, `nul`, `null`, `42`, `"cpu"`, `true`, `{}`, `[]`, `[ ]`,
 	`[1]`, `[null]`, `[[{"timestamp":"2025-01-01T10:00:00","value":1,"type":"cpu"}]]`,

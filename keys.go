@@ -29,6 +29,8 @@ import "strconv"
 //	{T}:series             hash: the type's series, the hash of each id
 //	                       (labels.go, seriesHash) to the id, for
 //	                       MAX_SERIES and for finding them
+//	{T}:l:<name>="<value>" set: the ids of the type's series that hold that
+//	                       label (written as in a series id), for filters
 //	{T}:s:<hash>:          the same keys as the type's (m, b:..., i:...)
 //	                       for one series: its buckets, its retention
 //	                       indexes, and in m the anchor its retention last
@@ -53,6 +55,11 @@ func (k keys) tag(typ string) string { return k.prefix + "{" + typ + "}:" }
 func (k keys) meta(typ string) string { return k.tag(typ) + "m" }
 
 func (k keys) seriesRegistry(typ string) string { return k.tag(typ) + "series" }
+
+// labelIndex is the set of the ids of typ's series that hold label l.
+func (k keys) labelIndex(typ string, l label) string {
+	return k.tag(typ) + "l:" + seriesID([]label{l})
+}
 
 // unit is the start of the names of one series' keys (id typeWide for the
 // type-wide ones), which the functions below complete.

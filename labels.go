@@ -227,17 +227,6 @@ func (f labelFilter) key() string {
 	return "|" + seriesID(f.match) + "|" + f.groupBy
 }
 
-// matches reports whether a series with these labels (sorted by name)
-// holds every pair of f.
-func (f labelFilter) matches(labels []label) bool {
-	for _, m := range f.match {
-		if !slices.Contains(labels, m) {
-			return false
-		}
-	}
-	return true
-}
-
 // group is the value of f's group_by label among labels, and whether the
 // series has it.
 func (f labelFilter) group(labels []label) (string, bool) {

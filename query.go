@@ -125,7 +125,7 @@ func (q *reader) selectSeries(ctx context.Context, typ string, f labelFilter) ([
 	if !f.filtered() {
 		return []seriesGroup{{ids: []string{typeWide}}}, math.MaxUint64, nil
 	}
-	version, ids, err := q.store.series(ctx, typ)
+	version, ids, err := q.store.series(ctx, typ, f.match)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -135,9 +135,6 @@ func (q *reader) selectSeries(ctx context.Context, typ string, f labelFilter) ([
 		labels, err := parseSeriesID(id)
 		if err != nil {
 			return nil, 0, err
-		}
-		if !f.matches(labels) {
-			continue
 		}
 		key, g := "", map[string]string(nil)
 		if f.groupBy != "" {
@@ -371,7 +368,7 @@ func (q *reader) seriesPoints(ctx context.Context, typ string, p seriesPlan, f l
 // labels lists the label names of typ's series, each with its values,
 // sorted.
 func (q *reader) labels(ctx context.Context, typ string) (map[string][]string, error) {
-	_, ids, err := q.store.series(ctx, typ)
+	_, ids, err := q.store.series(ctx, typ, nil)
 	if err != nil {
 		return nil, err
 	}

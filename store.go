@@ -32,11 +32,12 @@ import (
 // id; typeWide for the type-wide buckets), its stored buckets in spans, in
 // span order and then by start, read in one atomic step: the version it
 // returns counts every write whose buckets it saw. series lists the ids of
-// a type's series, with the version the list is as of.
+// a type's series that hold every label in match (all of them for none),
+// sorted, with the version the list is as of.
 type metricStore interface {
 	add(ctx context.Context, batches []typeBatch, now time.Time) error
 	read(ctx context.Context, typ string, series []string, spans []span) (typeMeta, [][]storedBucket, error)
-	series(ctx context.Context, typ string) (uint64, []string, error)
+	series(ctx context.Context, typ string, match []label) (uint64, []string, error)
 	meta(ctx context.Context, typ string) (typeMeta, error)
 	types(ctx context.Context) ([]typeMeta, error)
 }
@@ -64,6 +65,7 @@ type memType struct {
 	first, newest int64
 	memBuckets    // type-wide
 	series        map[string]*memBuckets
+	pairs         map[label]map[string]bool // each label to the ids of the series that hold it
 }
 
 // memBuckets are one series' buckets, or a type's type-wide ones.
@@ -154,15 +156,28 @@ func (t *memType) apply(b typeBatch, anchor int64, h retention) {
 	for _, sb := range b.series {
 		s := t.series[sb.id]
 		if s == nil {
-			if t.series == nil {
-				t.series = map[string]*memBuckets{}
-			}
-			s = &memBuckets{}
-			t.series[sb.id] = s
+			s = t.addSeries(sb.id)
 		}
 		s.apply(sb.deltas, anchor, h)
 	}
 	t.version.Add(uint64(b.samples))
+}
+
+// addSeries creates the series id, in the index of its labels too.
+func (t *memType) addSeries(id string) *memBuckets {
+	if t.series == nil {
+		t.series, t.pairs = map[string]*memBuckets{}, map[label]map[string]bool{}
+	}
+	s := &memBuckets{}
+	t.series[id] = s
+	labels, _ := parseSeriesID(id) // made by seriesID
+	for _, l := range labels {
+		if t.pairs[l] == nil {
+			t.pairs[l] = map[string]bool{}
+		}
+		t.pairs[l][id] = true
+	}
+	return s
 }
 
 // seriesRoom refuses a batch that would take the type past maxSeries
@@ -303,14 +318,32 @@ func (m *memoryStore) read(_ context.Context, typ string, series []string, spans
 	return t.metaLocked(typ), out, nil
 }
 
-func (m *memoryStore) series(_ context.Context, typ string) (uint64, []string, error) {
+func (m *memoryStore) series(_ context.Context, typ string, match []label) (uint64, []string, error) {
 	t := m.lookup(typ)
 	if t == nil {
 		return 0, nil, nil
 	}
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	return t.version.Load(), slices.Sorted(maps.Keys(t.series)), nil
+	if len(match) == 0 {
+		return t.version.Load(), slices.Sorted(maps.Keys(t.series)), nil
+	}
+	// The smallest set of the labels asked for, less the series that lack
+	// any other.
+	smallest := t.pairs[match[0]]
+	for _, l := range match[1:] {
+		if len(t.pairs[l]) < len(smallest) {
+			smallest = t.pairs[l]
+		}
+	}
+	var out []string
+	for id := range smallest {
+		if !slices.ContainsFunc(match, func(l label) bool { return !t.pairs[l][id] }) {
+			out = append(out, id)
+		}
+	}
+	slices.Sort(out)
+	return t.version.Load(), out, nil
 }
 
 func (t *memBuckets) read(spans []span) []storedBucket {
@@ -444,8 +477,15 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 		// type's own when it is the batch's only one, encoded once.
 		unit := func(id, hash string, deltas []bucketDelta, recs [][]byte) [][]byte {
 			u := s.keys.unit(b.typ, id)
+			var labels []label
+			if id != typeWide {
+				labels, _ = parseSeriesID(id) // made by seriesID
+			}
 			keys = append(keys, unitMeta(u))
-			args = append(args, id, hash, len(deltas))
+			for _, l := range labels {
+				keys = append(keys, s.keys.labelIndex(b.typ, l))
+			}
+			args = append(args, id, hash, len(labels), len(deltas))
 			for _, r := range idx {
 				args = append(args, bucketPrefix(u, r))
 			}
@@ -676,11 +716,19 @@ func (s *redisStore) read(ctx context.Context, typ string, series []string, span
 	return meta, out, err
 }
 
-func (s *redisStore) series(ctx context.Context, typ string) (version uint64, ids []string, err error) {
+func (s *redisStore) series(ctx context.Context, typ string, match []label) (version uint64, ids []string, err error) {
 	err = s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
 		c.Send("MULTI")
 		c.Send("HGET", s.keys.meta(typ), "v")
-		c.Send("HVALS", s.keys.seriesRegistry(typ))
+		if len(match) == 0 {
+			c.Send("HVALS", s.keys.seriesRegistry(typ))
+		} else {
+			args := make([]any, len(match))
+			for i, l := range match {
+				args[i] = s.keys.labelIndex(typ, l)
+			}
+			c.Send("SINTER", args...)
+		}
 		replies, err := redis.Values(do(c, deadline, "EXEC"))
 		if err != nil {
 			return err

@@ -7,15 +7,17 @@
 -- then per type its meta hash, its series registry, its set of buckets to
 -- compact, and per unit (the type-wide buckets first, then each series of
 -- the ingest) the unit's meta hash (the type's own for the type-wide
--- unit), one string per bucket it adds to (in ARGV's order) and one
--- retention index per resolution that is not kept forever.
+-- unit), the set of series of each of its labels, one string per bucket it
+-- adds to (in ARGV's order) and one retention index per resolution that is
+-- not kept forever.
 -- ARGV: fence (Unix us, Redis's clock), now (Unix us, the service's
 -- clock), MAX_TYPES, MAX_SERIES, the number of types, the number of
 -- indexes nidx; nidx triples (horizon, bucket width, chunk span, in
 -- seconds); then per type: name, samples, first and newest (Unix us),
 -- keepUntil (the anchor at which some sample would no longer be kept),
 -- the number of units; per unit: series id ('*' for type-wide), its hash
--- ('' for type-wide), bucket count nb, nidx bucket-name prefixes; then per
+-- ('' for type-wide), its number of labels, bucket count nb, nidx
+-- bucket-name prefixes; then per
 -- bucket: index number (0: none), start, expiry (the anchor at which it
 -- goes; a huge number for never), and what the ingest adds to it as one
 -- record.
@@ -64,9 +66,10 @@ for i = 1, ntypes do
   local firstKey = k
   for u = 1, nunits do
     local un = {id = ARGV[a], hash = ARGV[a + 1], meta = KEYS[k], buckets = {}, prefixes = {},
-      idxKeys = {}, created = {}}
-    local nb = tonumber(ARGV[a + 2])
-    a, k = a + 3, k + 1
+      idxKeys = {}, created = {}, labelKeys = {}}
+    local nl, nb = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    a, k = a + 4, k + 1
+    for j = 1, nl do un.labelKeys[j] = KEYS[k]; k = k + 1 end
     for j = 1, nidx do un.prefixes[j] = ARGV[a]; a = a + 1 end
     for j = 1, nb do
       un.buckets[j] = {key = KEYS[k], ix = tonumber(ARGV[a]), start = tonumber(ARGV[a + 1]),
@@ -88,6 +91,7 @@ for i = 1, ntypes do
       if id ~= un.id then return redis.error_reply('COLLISION ' .. ty.name .. ' ' .. un.hash) end
       un.known = true
     else
+      for _, key in ipairs(un.labelKeys) do redis.call('SCARD', key) end
       room = room - 1
       if room < 0 then ty.overSeries = ty.overSeries or un.hash end
     end
@@ -234,6 +238,7 @@ for _, ty in ipairs(types) do
   for u, un in ipairs(ty.units) do
     if u > 1 and not un.known then
       added[#added + 1], added[#added + 2] = un.hash, un.id
+      for _, key in ipairs(un.labelKeys) do redis.call('SADD', key, un.id) end
     end
     for _, b in ipairs(un.buckets) do
       if b.expiry > ty.anchor then apply(ty, un, b) end
