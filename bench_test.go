@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"io"
 	"math"
@@ -237,6 +238,24 @@ func BenchmarkMemoryBound(b *testing.B) {
 			held := func() float64 {
 				if rc == nil {
 					return svc.rssMiB(b)
+				}
+				// What a running service settles at: the background merge
+				// of the buckets ingests appended to has caught up.
+				for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+					n, err := redis.Int(rc.Do("SCARD", "compact"))
+					for i := range 16 {
+						z, zerr := redis.Int(rc.Do("SCARD", fmt.Sprintf("{type%d}:z", i)))
+						n, err = n+z, cmp.Or(err, zerr)
+					}
+					if err != nil {
+						b.Fatal(err)
+					}
+					if n == 0 {
+						break
+					}
+					if time.Now().After(deadline) {
+						b.Fatalf("%d buckets and types still to merge after 60 s", n)
+					}
 				}
 				info, err := redis.String(rc.Do("INFO", "memory"))
 				if err != nil {
@@ -542,6 +561,12 @@ func BenchmarkLabelledQuery(b *testing.B) {
 					b.Fatal(err)
 				}
 				batch = batch[:0]
+			}
+		}
+		if bk.compact != nil {
+			// What the background upkeep of a running service does.
+			if err := bk.compact(b.Context()); err != nil {
+				b.Fatal(err)
 			}
 		}
 		from, to := hour.Unix(), hour.Add(time.Hour).Unix()

@@ -21,8 +21,8 @@ import "strconv"
 //	                       expire whole.
 //	{T}:b:all              string: the running total of every sample, in
 //	                       the same form, when days are kept forever
-//	{T}:z                  set: the type's buckets that have grown past
-//	                       twice their size at their last compaction
+//	{T}:z                  set: the type's buckets that have grown by a
+//	                       quarter past their size at their last compaction
 //	{T}:i:<res>            sorted set: the chunks (a minute of seconds, an
 //	                       hour of minutes, ...) that hold buckets of res,
 //	                       by start, so retention finds what to delete

@@ -395,3 +395,54 @@ func TestMaxSeries(t *testing.T) {
 		}
 	})
 }
+
+// TestOneSeriesThenAnother checks a type that holds one series for a
+// while (its buckets kept once in the memory store) and then a second:
+// the type-wide answer, each series' and a grouped one stay exact on both
+// stores, before and after, retention sweeps included.
+func TestOneSeriesThenAnother(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		ctx := context.Background()
+		a, b := seriesID([]label{{"host", "a"}}), seriesID([]label{{"host", "b"}})
+		var raw []labelledRaw
+		add := func(id, host string, n int, v float64) {
+			var batch []sample
+			for i := range n {
+				at := sampleTime.Add(time.Duration(i) * 7 * time.Second)
+				batch = append(batch, sample{typ: "cpu", series: id, at: at.UnixMicro(), value: v})
+				raw = append(raw, labelledRaw{map[string]string{"host": host}, rawSample{at.UnixMicro(), v}})
+			}
+			if err := storeAdd(e.b, batch...); err != nil {
+				t.Fatal(err)
+			}
+		}
+		check := func(when string) {
+			t.Helper()
+			from, to := floorTo(sampleTime.Unix(), 3600), floorTo(sampleTime.Unix(), 3600)+3*3600
+			for _, f := range []labelFilter{{}, {match: []label{{"host", "a"}}}, {match: []label{{"host", "b"}}}} {
+				var want []rawSample
+				for _, r := range raw {
+					if len(f.match) == 0 || r.labels["host"] == f.match[0].value {
+						want = append(want, r.rawSample)
+					}
+				}
+				groups, _, err := e.b.reader.window(ctx, "cpu", &from, &to, f)
+				if err != nil {
+					t.Fatal(err)
+				}
+				checkAgainstBruteForce(t, fmt.Sprintf("%s, filter %+v", when, f), onlyGroup(groups), want, &from, &to)
+			}
+		}
+		add(a, "a", 100, 1)
+		add(a, "a", 100, 2)
+		check("one series")
+		add(b, "b", 50, 4)
+		check("a second series")
+		add(a, "a", 10, 8)
+		add(b, "b", 10, 16)
+		if e.b.sweep != nil {
+			e.b.sweep(e.clock.now())
+		}
+		check("both growing")
+	})
+}

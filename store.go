@@ -64,7 +64,10 @@ type memType struct {
 	mu            sync.RWMutex
 	first, newest int64
 	memBuckets    // type-wide
-	series        map[string]*memBuckets
+	// series holds each series' buckets. A type that has only ever held
+	// one series keeps its buckets once: that series' entry is the
+	// type-wide buckets themselves, until a second series gets a copy.
+	series map[string]*memBuckets
 	pairs         map[label]map[string]bool // each label to the ids of the series that hold it
 }
 
@@ -151,24 +154,48 @@ func (t *memType) apply(b typeBatch, anchor int64, h retention) {
 	if t.version.Load() == 0 {
 		t.first, t.newest = b.first, b.newest
 	}
+	for _, sb := range b.series {
+		if t.series[sb.id] != nil {
+			continue
+		}
+		if t.version.Load() == 0 && len(b.series) == 1 {
+			t.addSeries(sb.id, &t.memBuckets) // its buckets are the type's
+			continue
+		}
+		t.unshare()
+		t.addSeries(sb.id, &memBuckets{})
+	}
 	t.first, t.newest = min(t.first, b.first), max(t.newest, b.newest)
 	t.memBuckets.apply(b.deltas, anchor, h)
 	for _, sb := range b.series {
-		s := t.series[sb.id]
-		if s == nil {
-			s = t.addSeries(sb.id)
+		if s := t.series[sb.id]; s != &t.memBuckets {
+			s.apply(sb.deltas, anchor, h)
 		}
-		s.apply(sb.deltas, anchor, h)
 	}
 	t.version.Add(uint64(b.samples))
 }
 
-// addSeries creates the series id, in the index of its labels too.
-func (t *memType) addSeries(id string) *memBuckets {
+// unshare gives the type's one series buckets of its own, when it has
+// the type-wide ones: packed bins are never changed in place, so copying
+// the lists of buckets is enough.
+func (t *memType) unshare() {
+	for id, s := range t.series {
+		if s == &t.memBuckets {
+			c := t.memBuckets
+			for r := range c.buckets {
+				c.buckets[r] = slices.Clone(c.buckets[r])
+			}
+			t.series[id] = &c
+		}
+	}
+}
+
+// addSeries adds the series id with buckets s, in the index of its
+// labels too.
+func (t *memType) addSeries(id string, s *memBuckets) {
 	if t.series == nil {
 		t.series, t.pairs = map[string]*memBuckets{}, map[label]map[string]bool{}
 	}
-	s := &memBuckets{}
 	t.series[id] = s
 	labels, _ := parseSeriesID(id) // made by seriesID
 	for _, l := range labels {
@@ -177,7 +204,6 @@ func (t *memType) addSeries(id string) *memBuckets {
 		}
 		t.pairs[l][id] = true
 	}
-	return s
 }
 
 // seriesRoom refuses a batch that would take the type past maxSeries
@@ -397,7 +423,9 @@ func (m *memoryStore) sweep(now time.Time) {
 		anchor := anchorOf(t.newest, now.UnixMicro())
 		t.memBuckets.sweep(m.horizon, anchor)
 		for _, s := range t.series {
-			s.sweep(m.horizon, anchor)
+			if s != &t.memBuckets {
+				s.sweep(m.horizon, anchor)
+			}
 		}
 		t.mu.Unlock()
 		return true

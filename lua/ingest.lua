@@ -26,8 +26,8 @@
 -- compaction and a compaction count, little-endian), then records, each as
 -- the service encoded it (store.go, bucketRecord): count, sum, min, max,
 -- zeros and bins. An ingest appends its record without reading the bucket;
--- once the records have grown past twice their size at the last
--- compaction, it notes the bucket for the service to compact in the
+-- once the records have grown by a quarter (and 64 bytes) past their size
+-- at the last compaction, it notes the bucket for the service to compact in the
 -- background (lua/compact.lua), so a bucket's size follows its bins, not
 -- its ingests, and no ingest pays for merging them.
 local t = redis.call('TIME')
@@ -184,7 +184,7 @@ local function apply(ty, un, b)
     end
   else
     local size = redis.call('APPEND', b.key, b.rec) - headerLen
-    if size > 2 * b.clen + 64 then
+    if size > b.clen + b.clen / 4 + 64 then
       redis.call('SADD', ty.compactKey, b.key)
       ty.compact = true
     end
