@@ -68,7 +68,7 @@ type memType struct {
 	// one series keeps its buckets once: that series' entry is the
 	// type-wide buckets themselves, until a second series gets a copy.
 	series map[string]*memBuckets
-	pairs         map[label]map[string]bool // each label to the ids of the series that hold it
+	pairs  map[label]map[string]bool // each label to the ids of the series that hold it
 }
 
 // memBuckets are one series' buckets, or a type's type-wide ones.
@@ -489,54 +489,74 @@ func (s *redisStore) indexed() []resolution {
 	return out
 }
 
-func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time) error {
-	idx := s.indexed()
-	ix := map[resolution]int{}
-	keys := []string{s.keys.types(), s.keys.compactTypes()}
-	args := []any{0, now.UnixMicro(), s.maxTypes, s.maxSeries, len(batches), len(idx)}
-	for i, r := range idx {
-		ix[r] = i + 1
-		args = append(args, s.horizon[r], r.seconds(), r.chunk()*r.seconds())
+// ingestCall is the KEYS and ARGV of one run of the ingest script, laid
+// out as lua/ingest.lua reads them.
+type ingestCall struct {
+	s    *redisStore
+	idx  []resolution       // the resolutions with a retention index
+	ix   map[resolution]int // their positions, from 1
+	keys []string
+	args []any
+}
+
+func (s *redisStore) ingestCall(batches []typeBatch, now time.Time) *ingestCall {
+	c := &ingestCall{s: s, idx: s.indexed(), ix: map[resolution]int{}, keys: []string{s.keys.types(), s.keys.compactTypes()}}
+	c.args = []any{0, now.UnixMicro(), s.maxTypes, s.maxSeries, len(batches), len(c.idx)}
+	for i, r := range c.idx {
+		c.ix[r] = i + 1
+		c.args = append(c.args, s.horizon[r], r.seconds(), r.chunk()*r.seconds())
 	}
 	for _, b := range batches {
-		keys = append(keys, s.keys.meta(b.typ), s.keys.seriesRegistry(b.typ), s.keys.compactBuckets(b.typ))
-		args = append(args, b.typ, b.samples, b.first, b.newest, b.keepUntil, 1+len(b.series))
+		c.keys = append(c.keys, s.keys.meta(b.typ), s.keys.seriesRegistry(b.typ), s.keys.compactBuckets(b.typ))
+		c.args = append(c.args, b.typ, b.samples, b.first, b.newest, b.keepUntil, 1+len(b.series))
 		// The type-wide unit, then each series; a series' records are the
 		// type's own when it is the batch's only one, encoded once.
-		unit := func(id, hash string, deltas []bucketDelta, recs [][]byte) [][]byte {
-			u := s.keys.unit(b.typ, id)
-			var labels []label
-			if id != typeWide {
-				labels, _ = parseSeriesID(id) // made by seriesID
-			}
-			keys = append(keys, unitMeta(u))
-			for _, l := range labels {
-				keys = append(keys, s.keys.labelIndex(b.typ, l))
-			}
-			args = append(args, id, hash, len(labels), len(deltas))
-			for _, r := range idx {
-				args = append(args, bucketPrefix(u, r))
-			}
-			for i, d := range deltas {
-				if len(recs) <= i {
-					recs = append(recs, bucketRecord(d))
-				}
-				keys = append(keys, bucketKey(u, d.res, d.start))
-				args = append(args, ix[d.res], d.start, s.horizon.expiry(d.res, d.start), recs[i])
-			}
-			for _, r := range idx {
-				keys = append(keys, indexKey(u, r))
-			}
-			return recs
-		}
-		recs := unit(typeWide, "", b.deltas, nil)
+		recs := c.unit(b.typ, typeWide, b.deltas, nil)
 		for _, sb := range b.series {
 			if len(b.series) > 1 {
 				recs = nil
 			}
-			unit(sb.id, seriesHash(sb.id), sb.deltas, recs)
+			c.unit(b.typ, sb.id, sb.deltas, recs)
 		}
 	}
+	return c
+}
+
+// unit adds one unit of typ, the series id or the type-wide buckets, with
+// the records of its deltas: recs where given, encoded otherwise, which it
+// returns.
+func (c *ingestCall) unit(typ, id string, deltas []bucketDelta, recs [][]byte) [][]byte {
+	u := c.s.keys.unit(typ, id)
+	var labels []label
+	hash := ""
+	if id != typeWide {
+		labels, _ = parseSeriesID(id) // made by seriesID
+		hash = seriesHash(id)
+	}
+	c.keys = append(c.keys, unitMeta(u))
+	for _, l := range labels {
+		c.keys = append(c.keys, c.s.keys.labelIndex(typ, l))
+	}
+	c.args = append(c.args, id, hash, len(labels), len(deltas))
+	for _, r := range c.idx {
+		c.args = append(c.args, bucketPrefix(u, r))
+	}
+	for i, d := range deltas {
+		if len(recs) <= i {
+			recs = append(recs, bucketRecord(d))
+		}
+		c.keys = append(c.keys, bucketKey(u, d.res, d.start))
+		c.args = append(c.args, c.ix[d.res], d.start, c.s.horizon.expiry(d.res, d.start), recs[i])
+	}
+	for _, r := range c.idx {
+		c.keys = append(c.keys, indexKey(u, r))
+	}
+	return recs
+}
+
+func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time) error {
+	call := s.ingestCall(batches, now)
+	keys, args := call.keys, call.args
 	start := time.Now()
 	fence := start.Add(s.pool.timeout / 2)
 	borrowCtx, cancel := context.WithDeadline(ctx, fence)
