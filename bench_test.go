@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -597,4 +598,39 @@ func BenchmarkLabelledQuery(b *testing.B) {
 		prefix := testPrefix()
 		run(b, newRedisBackend(testPool(b, cfg, prefix), prefix, cfg, clock))
 	})
+}
+
+// BenchmarkMemoryStoreLiveHeap adds the samples of BenchmarkMemoryBound's
+// first round to a memory store in this process and reports the live heap
+// after a collection: what the buckets themselves hold, without the
+// garbage collector's headroom that the service's RSS includes.
+//
+//	go test -run '^$' -bench MemoryStoreLiveHeap -benchtime=1x
+func BenchmarkMemoryStoreLiveHeap(b *testing.B) {
+	total := 20_000_000
+	if n, err := strconv.Atoi(os.Getenv("BENCH_SAMPLES")); err == nil && n > 0 {
+		total = n
+	}
+	hour := time.Date(2025, 1, 1, 10, 0, 0, 0, time.UTC)
+	for b.Loop() {
+		bk := newMemoryBackend(testConfig(b), func() time.Time { return hour.Add(2 * time.Hour) })
+		rng := rand.New(rand.NewPCG(1, 0))
+		batch := make([]sample, 0, 10_000)
+		for i := range total {
+			at := hour.Add(time.Duration(int64(i)*int64(time.Hour/time.Microsecond)/int64(total)) * time.Microsecond)
+			v := math.Round(math.Exp(3+0.5*rng.NormFloat64())*10) / 10
+			batch = append(batch, sample{typ: fmt.Sprintf("type%d", rng.IntN(16)), at: at.UnixMicro(), value: v})
+			if len(batch) == cap(batch) {
+				if err := storeAdd(bk, batch...); err != nil {
+					b.Fatal(err)
+				}
+				batch = batch[:0]
+			}
+		}
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		b.ReportMetric(float64(ms.HeapAlloc)/(1<<20), "live-MiB")
+		runtime.KeepAlive(bk)
+	}
 }
