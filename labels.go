@@ -88,14 +88,18 @@ func validLabelName(name string) error {
 	return nil
 }
 
+// validLabelValue refuses a value that is not 1 to 128 printable
+// characters. U+FFFD is refused too: it is what JSON decoding makes of
+// invalid UTF-8 and of lone surrogates, so values that differ only there
+// would otherwise become one series.
 func validLabelValue(name, value string) error {
 	n := utf8.RuneCountInString(value)
 	ok := n >= 1 && n <= maxLabelValueRunes && utf8.ValidString(value)
 	for _, r := range value {
-		ok = ok && unicode.IsPrint(r)
+		ok = ok && unicode.IsPrint(r) && r != utf8.RuneError
 	}
 	if !ok {
-		return fmt.Errorf("label %s: value must be 1 to %d printable characters", name, maxLabelValueRunes)
+		return fmt.Errorf("label %s: value must be 1 to %d printable characters of valid UTF-8 (U+FFFD excluded)", name, maxLabelValueRunes)
 	}
 	return nil
 }
@@ -175,10 +179,19 @@ type labelFilter struct {
 	groupBy string
 }
 
-// parseLabelFilter reads the repeatable label=name:value and group_by=name
-// parameters.
-func parseLabelFilter(pairs []string, groupBy string) (labelFilter, error) {
+// parseLabelFilter reads the repeatable label=name:value and the one
+// group_by=name parameter (the values given for it).
+func parseLabelFilter(pairs []string, groupBys []string) (labelFilter, error) {
 	var f labelFilter
+	if len(groupBys) > 1 {
+		return f, unprocessable("group_by may be given once")
+	}
+	groupBy := ""
+	if len(groupBys) == 1 {
+		if groupBy = groupBys[0]; groupBy == "" {
+			return f, unprocessable("group_by: give a label name, such as group_by=host")
+		}
+	}
 	for _, p := range pairs {
 		name, value, ok := strings.Cut(p, ":")
 		if !ok {

@@ -83,9 +83,9 @@ func TestLabelsMatchBruteForce(t *testing.T) {
 			n := names[rng.IntN(len(names))]
 			pairs = append(pairs, n+":"+values[n][rng.IntN(len(values[n]))])
 		}
-		group := ""
+		var group []string
 		if rng.IntN(2) == 0 {
-			group = names[rng.IntN(len(names))]
+			group = []string{names[rng.IntN(len(names))]}
 		}
 		f, err := parseLabelFilter(pairs, group)
 		if err != nil {
@@ -327,6 +327,9 @@ func TestLabelsRefused(t *testing.T) {
 			{`{"host":""}`, "label host: value must be 1 to 128 printable characters"},
 			{`{"host":"` + strings.Repeat("x", 129) + `"}`, "label host: value must be 1 to 128"},
 			{`{"host":"a\nb"}`, "label host: value must be 1 to 128 printable characters"},
+			{"{\"host\":\"a\xffb\"}", "label host: value must be 1 to 128 printable characters of valid UTF-8"},
+			{`{"host":"a\ud800b"}`, "label host: value must be 1 to 128 printable characters of valid UTF-8"},
+			{`{"host":"a\ufffdb"}`, "label host: value must be 1 to 128 printable characters of valid UTF-8"},
 			{`{"1host":"a"}`, `label name "1host" must match`},
 			{`{"ho-st":"a"}`, `label name "ho-st" must match`},
 			{`{"":"a"}`, `label name "" must match`},
@@ -344,7 +347,7 @@ func TestLabelsRefused(t *testing.T) {
 		if n := count(t, e.b, "cpu"); n != 0 {
 			t.Errorf("count after refused batches = %d, want 0", n)
 		}
-		for _, q := range []string{"label=host", "label=1h:x", "label=host:", "group_by=1x", "group_by=a-b"} {
+		for _, q := range []string{"label=host", "label=1h:x", "label=host:", "label=host:%FF", "group_by=1x", "group_by=a-b", "group_by=", "group_by=a&group_by=b"} {
 			r := get(t, base+"/api/metrics/summary?metric_type=cpu&"+q)
 			if d, _ := r.json(t)["detail"].(string); r.status != 422 || !strings.Contains(d, strings.SplitN(q, "=", 2)[0]) {
 				t.Errorf("summary?%s = %d %s, want 422 naming %s", q, r.status, r.body, strings.SplitN(q, "=", 2)[0])

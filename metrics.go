@@ -111,7 +111,7 @@ func handleSummary(log *slog.Logger, q *reader) http.Handler {
 		typ, from, to, err := parseSummaryQuery(query)
 		var f labelFilter
 		if err == nil {
-			f, err = parseLabelFilter(query["label"], query.Get("group_by"))
+			f, err = parseLabelFilter(query["label"], query["group_by"])
 		}
 		var body any
 		var raw []byte
@@ -132,7 +132,7 @@ func handleSeries(log *slog.Logger, q *reader) http.Handler {
 		typ, plan, err := parseSeriesQuery(query, q.now())
 		var f labelFilter
 		if err == nil {
-			f, err = parseLabelFilter(query["label"], query.Get("group_by"))
+			f, err = parseLabelFilter(query["label"], query["group_by"])
 		}
 		var body any
 		var raw []byte

@@ -275,7 +275,7 @@ func (p seriesPlan) refuseSeriesCount(n int) error {
 	}
 	fits, ok := smallestStep(p.from, p.to, budget)
 	if !ok {
-		return unprocessable("label: %d series over %d days read more than %d buckets; filter to fewer series or shorten the window",
+		return unprocessable("from: %d series over %d days read more than %d buckets even by the day; shorten the window or filter to fewer series",
 			n, (p.to-p.from)/res1d.seconds(), maxSeriesBuckets)
 	}
 	return unprocessable("step: %s over %d series reads %d buckets, more than %d; use a step of at least %s",

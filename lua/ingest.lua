@@ -63,13 +63,13 @@ for i = 1, ntypes do
     ty.newest = math.max(ty.newest, tonumber(m[3]))
   end
   ty.anchor = math.floor(math.min(ty.newest, nowUs) / 1000000)
-  local firstKey = k
   for u = 1, nunits do
     local un = {id = ARGV[a], hash = ARGV[a + 1], meta = KEYS[k], buckets = {}, prefixes = {},
-      idxKeys = {}, created = {}, labelKeys = {}}
+      idxKeys = {}, created = {}, chunks = {}, labelKeys = {}}
     local nl, nb = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
     a, k = a + 4, k + 1
     for j = 1, nl do un.labelKeys[j] = KEYS[k]; k = k + 1 end
+    un.firstKey = k
     for j = 1, nidx do un.prefixes[j] = ARGV[a]; a = a + 1 end
     for j = 1, nb do
       un.buckets[j] = {key = KEYS[k], ix = tonumber(ARGV[a]), start = tonumber(ARGV[a + 1]),
@@ -77,6 +77,7 @@ for i = 1, ntypes do
       a, k = a + 4, k + 1
     end
     for j = 1, nidx do un.idxKeys[j] = KEYS[k]; k = k + 1 end
+    un.lastKey = k - 1
     ty.units[u] = un
   end
   -- The series: known ones by their hash, new ones within MAX_SERIES, and
@@ -84,34 +85,50 @@ for i = 1, ntypes do
   local hashes = {}
   for u = 2, nunits do hashes[#hashes + 1] = ty.units[u].hash end
   local known = #hashes > 0 and redis.call('HMGET', ty.registry, unpack(hashes)) or {}
-  local room = maxSeries - redis.call('HLEN', ty.registry)
+  local room = #hashes > 0 and maxSeries - redis.call('HLEN', ty.registry) or 0
+  local checked = {}
   for u = 2, nunits do
     local un, id = ty.units[u], known[u - 1]
     if id then
       if id ~= un.id then return redis.error_reply('COLLISION ' .. ty.name .. ' ' .. un.hash) end
       un.known = true
     else
-      for _, key in ipairs(un.labelKeys) do redis.call('SCARD', key) end
+      -- A label's set is shared by its series: checked once.
+      for _, key in ipairs(un.labelKeys) do
+        if not checked[key] then redis.call('SCARD', key); checked[key] = true end
+      end
       room = room - 1
       if room < 0 then ty.overSeries = ty.overSeries or un.hash end
     end
   end
+  -- A known unit's keys are there to read. The others' (a new type, a new
+  -- series) are usually all absent, which EXISTS over all of them shows at
+  -- once; otherwise they are read as well. Reading each bucket also fails
+  -- here on a key of the wrong type or form rather than halfway through
+  -- the writes.
+  local unknown = {}
+  for u, un in ipairs(ty.units) do
+    un.present = ty.version > 0 and (u == 1 or un.known)
+    if not un.present then
+      for j = un.firstKey, un.lastKey do unknown[#unknown + 1] = KEYS[j] end
+      unknown[#unknown + 1] = un.meta
+    end
+  end
+  local strays = false
+  for j = 1, #unknown, 1000 do
+    strays = strays or redis.call('EXISTS', unpack(unknown, j, math.min(j + 999, #unknown))) > 0
+  end
   -- Retention runs in a unit when the anchor has passed where it last
   -- finished there (field s), whether samples or the clock moved it.
   for u, un in ipairs(ty.units) do
-    local s = u == 1 and m[4] or redis.call('HGET', un.meta, 's')
-    un.fresh = s == false
+    un.present = un.present or strays
+    local s = false
+    if u == 1 then s = m[4] elseif un.present then s = redis.call('HGET', un.meta, 's') end
     un.sweep = ty.version > 0 and nidx > 0 and ty.anchor > (tonumber(s) or -math.huge)
   end
-  -- A new type's keys are usually all absent, which EXISTS shows at once;
-  -- otherwise each bucket is read, which also fails here on a key of the
-  -- wrong type or form rather than halfway through the writes.
-  local present = ty.version > 0
-  for j = firstKey, k - 1, 1000 do
-    present = present or redis.call('EXISTS', unpack(KEYS, j, math.min(j + 999, k - 1))) > 0
-  end
-  if present then
-    for _, un in ipairs(ty.units) do
+  redis.call('SCARD', ty.compactKey)
+  for _, un in ipairs(ty.units) do
+    if un.present then
       local indexed = {}
       for _, b in ipairs(un.buckets) do
         local v = redis.call('GETRANGE', b.key, 0, headerLen - 1)
@@ -126,8 +143,11 @@ for i = 1, ntypes do
         for j = 1, nidx do indexed[j] = true end
       end
       for j in pairs(indexed) do redis.call('ZCARD', un.idxKeys[j]) end
+    elseif ty.version > 0 then
+      -- A new series of a type that has retention indexes: its own are
+      -- absent, and so of no wrong type.
+      un.sweep = false
     end
-    redis.call('SCARD', ty.compactKey)
   end
   types[i] = ty
 end
@@ -173,15 +193,34 @@ end
 
 -- Write phase.
 
+-- New buckets, the chunks they start in each index and their expiries
+-- are written together, a call for many (flush), since a call costs more
+-- than the little each of these writes does.
+local pending = {sets = {}, zadds = {}, expires = {}}
+
 local function apply(ty, un, b)
+  local expire = b.ix > 0 and b.expiry * 1000000 <= ty.newest
   if not b.clen then
-    redis.call('SET', b.key, struct.pack('<I4I4', #b.rec, 0) .. b.rec)
+    table.insert(pending.sets, b.key)
+    table.insert(pending.sets, struct.pack('<I4I4', #b.rec, 0) .. b.rec)
     if b.ix > 0 then
       local span = idx[b.ix].span
       local cs = b.start - b.start % span
-      redis.call('ZADD', un.idxKeys[b.ix], cs, int(cs))
+      local z = un.chunks[b.ix]
+      if not z then
+        z = {key = un.idxKeys[b.ix], seen = {}, args = {}}
+        un.chunks[b.ix] = z
+        table.insert(pending.zadds, z)
+      end
+      if not z.seen[cs] then
+        z.seen[cs] = true
+        table.insert(z.args, cs)
+        table.insert(z.args, int(cs))
+      end
       un.created[b.ix] = (un.created[b.ix] or 0) + 1
     end
+    if expire then table.insert(pending.expires, b) end
+    return
   else
     local size = redis.call('APPEND', b.key, b.rec) - headerLen
     if size > b.clen + b.clen / 4 + 64 then
@@ -189,11 +228,24 @@ local function apply(ty, un, b)
       ty.compact = true
     end
   end
+  if expire then table.insert(pending.expires, b) end
+end
+
+local function flush()
+  for j = 1, #pending.sets, 1000 do
+    redis.call('MSET', unpack(pending.sets, j, math.min(j + 999, #pending.sets)))
+  end
+  for _, z in ipairs(pending.zadds) do
+    for j = 1, #z.args, 1000 do
+      redis.call('ZADD', z.key, unpack(z.args, j, math.min(j + 999, #z.args)))
+    end
+  end
   -- Kept until the anchor passes its expiry; when the newest sample is
   -- already past it, the clock alone decides, so Redis expires it.
-  if b.ix > 0 and b.expiry * 1000000 <= ty.newest then
+  for _, b in ipairs(pending.expires) do
     redis.call('PEXPIRE', b.key, math.max(1, math.floor((b.expiry * 1000000 - nowUs) / 1000)))
   end
+  pending = {sets = {}, zadds = {}, expires = {}}
 end
 
 -- sweepBudget is how many chunks of buckets one ingest deletes at most.
@@ -234,21 +286,34 @@ local function sweep(ty, un)
 end
 
 for _, ty in ipairs(types) do
-  local added = {}
+  local added, members, labelKeys = {}, {}, {}
   for u, un in ipairs(ty.units) do
     if u > 1 and not un.known then
       added[#added + 1], added[#added + 2] = un.hash, un.id
-      for _, key in ipairs(un.labelKeys) do redis.call('SADD', key, un.id) end
+      for _, key in ipairs(un.labelKeys) do
+        if not members[key] then members[key] = {}; labelKeys[#labelKeys + 1] = key end
+        table.insert(members[key], un.id)
+      end
     end
     for _, b in ipairs(un.buckets) do
       if b.expiry > ty.anchor then apply(ty, un, b) end
     end
+  end
+  flush()
+  for u, un in ipairs(ty.units) do
     un.done = sweep(ty, un)
-    if u > 1 and (un.sweep and un.done or un.fresh) then
+    -- A new series' s waits for its first sweep, at its next ingest.
+    if u > 1 and un.sweep and un.done then
       redis.call('HSET', un.meta, 's', int(ty.anchor))
     end
   end
-  if #added > 0 then redis.call('HSET', ty.registry, unpack(added)) end
+  for j = 1, #added, 1000 do
+    redis.call('HSET', ty.registry, unpack(added, j, math.min(j + 999, #added)))
+  end
+  for _, key in ipairs(labelKeys) do
+    local ms = members[key]
+    for j = 1, #ms, 1000 do redis.call('SADD', key, unpack(ms, j, math.min(j + 999, #ms))) end
+  end
   if ty.compact then redis.call('SADD', KEYS[2], ty.name) end
   local meta = {'v', int(ty.version + ty.n), 'f', int(ty.first), 'n', int(ty.newest)}
   if ty.units[1].sweep and ty.units[1].done or ty.version == 0 then
