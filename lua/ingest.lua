@@ -85,14 +85,15 @@ for i = 1, ntypes do
   local hashes = {}
   for u = 2, nunits do hashes[#hashes + 1] = ty.units[u].hash end
   local known = #hashes > 0 and redis.call('HMGET', ty.registry, unpack(hashes)) or {}
-  local room = #hashes > 0 and maxSeries - redis.call('HLEN', ty.registry) or 0
-  local checked = {}
+  local room, checked = nil, {}
   for u = 2, nunits do
     local un, id = ty.units[u], known[u - 1]
     if id then
       if id ~= un.id then return redis.error_reply('COLLISION ' .. ty.name .. ' ' .. un.hash) end
       un.known = true
     else
+      -- The room left is asked for only when a series is new.
+      room = room or maxSeries - redis.call('HLEN', ty.registry)
       -- A label's set is shared by its series: checked once.
       for _, key in ipairs(un.labelKeys) do
         if not checked[key] then redis.call('SCARD', key); checked[key] = true end
