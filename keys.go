@@ -29,6 +29,10 @@ import "strconv"
 //	{T}:series             hash: the type's series, the hash of each id
 //	                       (labels.go, seriesHash) to the id, for
 //	                       MAX_SERIES and for finding them
+//	{T}:until              sorted set: each series' hash, scored by the
+//	                       anchor from which it holds no data (never with
+//	                       a resolution kept forever); past it the series
+//	                       is dropped, and frees its MAX_SERIES room
 //	{T}:l:<name>="<value>" set: the ids of the type's series that hold that
 //	                       label (written as in a series id), for filters
 //	{T}:s:<hash>:          the same keys as the type's (m, b:..., i:...)
@@ -55,6 +59,10 @@ func (k keys) tag(typ string) string { return k.prefix + "{" + typ + "}:" }
 func (k keys) meta(typ string) string { return k.tag(typ) + "m" }
 
 func (k keys) seriesRegistry(typ string) string { return k.tag(typ) + "series" }
+
+// seriesUntil scores each series' hash with the anchor from which it holds
+// no data, for retention to drop it.
+func (k keys) seriesUntil(typ string) string { return k.tag(typ) + "until" }
 
 // labelIndex is the set of the ids of typ's series that hold label l.
 func (k keys) labelIndex(typ string, l label) string {

@@ -7,6 +7,8 @@ import (
 	"maps"
 	"math/rand/v2"
 	"net/http/httptest"
+
+	"github.com/gomodule/redigo/redis"
 	"slices"
 	"strings"
 	"testing"
@@ -447,5 +449,72 @@ func TestOneSeriesThenAnother(t *testing.T) {
 			e.b.sweep(e.clock.now())
 		}
 		check("both growing")
+	})
+}
+
+// TestSeriesRetention lets one series of a type run out of retained data
+// while another carries on: the first stops counting towards MAX_SERIES
+// at once, then goes from the series count, the labels, the index and (in
+// Redis) its keys, and the type's other series keep every answer.
+func TestSeriesRetention(t *testing.T) {
+	forEachStore(t, func(c *config) {
+		c.MaxSeries = 2
+		c.Retention = retention{3600, 7200, 2 * 86400, 3 * 86400}
+	}, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		post1 := func(host string, at time.Time, v float64) response {
+			return post(t, base, fmt.Sprintf(`{"timestamp":%q,"value":%g,"type":"cpu","labels":{"host":%q}}`, at.Format(time.RFC3339), v, host))
+		}
+		t0 := e.clock.now().Add(-time.Hour)
+		for _, h := range []string{"old", "new"} {
+			if r := post1(h, t0, 1); r.status != 201 {
+				t.Fatalf("POST %s = %d %s", h, r.status, r.body)
+			}
+		}
+		if r := post1("third", t0, 1); r.status != 422 {
+			t.Fatalf("POST a third series at MAX_SERIES=2 = %d %s, want 422", r.status, r.body)
+		}
+		// Five days on, neither holds data any more. The ingest that moves
+		// the anchor there finds room for a new series (before anything has
+		// dropped the old ones), and "new" carries on as a new series.
+		e.clock.advance(5 * 24 * time.Hour)
+		now := e.clock.now().Add(-time.Minute)
+		if r := post1("third", now, 4); r.status != 201 {
+			t.Fatalf("POST a third series once the others hold no data = %d %s, want 201", r.status, r.body)
+		}
+		if r := post1("new", now, 2); r.status != 201 {
+			t.Fatalf("POST new = %d %s", r.status, r.body)
+		}
+		if e.b.sweep != nil {
+			e.b.sweep(e.clock.now()) // what the memory store's background loop does
+		}
+		if r := get(t, base+"/api/metrics/labels?metric_type=cpu"); !strings.Contains(r.body, `"host":["new","third"]`) {
+			t.Errorf("labels = %s, want host new and third only", r.body)
+		}
+		if r := get(t, base+"/api/metrics/types"); !strings.Contains(r.body, `"series":2}`) {
+			t.Errorf("types = %s, want 2 series", r.body)
+		}
+		if r := get(t, base+"/api/metrics/summary?metric_type=cpu&label=host:old"); !strings.Contains(r.body, `"count":0,`) {
+			t.Errorf("summary of host old = %s, want count 0", r.body)
+		}
+		if r := get(t, base+"/api/metrics/summary?metric_type=cpu&group_by=host"); !strings.Contains(r.body, `{"labels":{"host":"new"},"count":1,`) ||
+			!strings.Contains(r.body, `{"labels":{"host":"third"},"count":1,`) || strings.Contains(r.body, `"old"`) {
+			t.Errorf("summary by host = %s, want new and third with one sample each", r.body)
+		}
+		if r := post1("fourth", now, 8); r.status != 422 {
+			t.Errorf("POST a fourth series = %d %s, want 422: two series hold data", r.status, r.body)
+		}
+		if e.pool != nil {
+			c := e.pool.Get()
+			defer c.Close()
+			k := keys{e.prefix}
+			left, err := redis.Strings(c.Do("KEYS", k.unit("cpu", seriesID([]label{{"host", "old"}}))+"*"))
+			if err != nil || len(left) > 0 {
+				t.Errorf("keys of the dropped series: %v, %v; want none", left, err)
+			}
+			if n, err := redis.Int(c.Do("EXISTS", k.labelIndex("cpu", label{"host", "old"}), k.labelIndex("cpu", label{"host", "third"}))); err != nil || n != 1 {
+				t.Errorf("label sets of host old and third: %d exist (%v), want only third's", n, err)
+			}
+		}
 	})
 }

@@ -325,9 +325,9 @@ func TestRedisTypeKeysShareHashTag(t *testing.T) {
 	// retention indexes of the three that expire, once type-wide and once
 	// for the unlabelled series; the type's meta hash (a series' own comes
 	// with its first sweep, at its next ingest); and the registry of
-	// series.
-	if len(ks) != 2*(1+4+3)+1+1 {
-		t.Errorf("keys of type cpu: %v, want 18", ks)
+	// series with the anchors they hold data until.
+	if len(ks) != 2*(1+4+3)+1+2 {
+		t.Errorf("keys of type cpu: %v, want 19", ks)
 	}
 	all, err := redis.Strings(c.Do("KEYS", e.prefix+"*"))
 	if err != nil {

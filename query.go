@@ -394,7 +394,7 @@ func (q *reader) labels(ctx context.Context, typ string) (map[string][]string, e
 
 // types lists the types with data whose names start with prefix.
 func (q *reader) types(ctx context.Context, prefix string) ([]typeInfo, error) {
-	metas, err := q.store.types(ctx)
+	metas, err := q.store.types(ctx, q.now())
 	if err != nil {
 		return nil, err
 	}

@@ -137,6 +137,16 @@ func (h retention) expiry(r resolution, start int64) int64 {
 	return start + r.seconds() + h[r]
 }
 
+// lastKept is the anchor from which no resolution keeps a sample taken in
+// second t any more; never when some resolution keeps it forever.
+func (h retention) lastKept(t int64) int64 {
+	until := int64(math.MinInt64)
+	for r := res1s; r < numRes; r++ {
+		until = max(until, h.expiry(r, floorTo(t, r.seconds())))
+	}
+	return until
+}
+
 // keepsSample reports whether any resolution keeps a sample taken in second
 // t at anchor; a sample no resolution keeps is refused.
 func (h retention) keepsSample(t, anchor int64) bool {

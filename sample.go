@@ -85,7 +85,11 @@ type seriesBatch struct {
 	id            string
 	samples       int
 	first, newest int64
-	deltas        []bucketDelta
+	// until is the anchor from which retention keeps none of the series'
+	// samples of this batch: the series holds no data from there on,
+	// unless later samples came.
+	until  int64
+	deltas []bucketDelta
 }
 
 // aggregate splits samples by type (types in name order) and sums each
@@ -140,9 +144,10 @@ func aggregate(samples []sample, h retention) []typeBatch {
 // seriesBatches sums a type's samples (idx) per series, given the type's
 // own sums b.
 func (a *rollup) seriesBatches(idx []int32, b typeBatch) []seriesBatch {
+	until := func(newest int64) int64 { return a.h.lastKept(floorDiv(newest, 1_000_000)) }
 	one := a.samples[idx[0]].series
 	if !slices.ContainsFunc(idx, func(i int32) bool { return a.samples[i].series != one }) {
-		return []seriesBatch{{id: one, samples: b.samples, first: b.first, newest: b.newest, deltas: b.deltas}}
+		return []seriesBatch{{id: one, samples: b.samples, first: b.first, newest: b.newest, until: until(b.newest), deltas: b.deltas}}
 	}
 	byID := map[string][]int32{}
 	for _, i := range idx {
@@ -152,7 +157,7 @@ func (a *rollup) seriesBatches(idx []int32, b typeBatch) []seriesBatch {
 	out := make([]seriesBatch, 0, len(byID))
 	for _, id := range slices.Sorted(maps.Keys(byID)) {
 		sb := a.typeBatch(byID[id])
-		out = append(out, seriesBatch{id: id, samples: sb.samples, first: sb.first, newest: sb.newest, deltas: sb.deltas})
+		out = append(out, seriesBatch{id: id, samples: sb.samples, first: sb.first, newest: sb.newest, until: until(sb.newest), deltas: sb.deltas})
 	}
 	return out
 }
@@ -219,11 +224,7 @@ func (a *rollup) typeBatch(idx []int32) typeBatch {
 	}
 	if !a.h.forever() {
 		// Expiry grows with time, so the earliest sample goes first.
-		sec := floorDiv(b.first, 1_000_000)
-		b.keepUntil = math.MinInt64
-		for r := res1s; r < numRes; r++ {
-			b.keepUntil = max(b.keepUntil, a.h.expiry(r, floorTo(sec, r.seconds())))
-		}
+		b.keepUntil = a.h.lastKept(floorDiv(b.first, 1_000_000))
 	}
 	if !sorted {
 		idx = secondOrder(idx, a.secs)

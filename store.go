@@ -39,7 +39,7 @@ type metricStore interface {
 	read(ctx context.Context, typ string, series []string, spans []span) (typeMeta, [][]storedBucket, error)
 	series(ctx context.Context, typ string, match []label) (uint64, []string, error)
 	meta(ctx context.Context, typ string) (typeMeta, error)
-	types(ctx context.Context) ([]typeMeta, error)
+	types(ctx context.Context, now time.Time) ([]typeMeta, error)
 }
 
 // ---- memory ----
@@ -75,6 +75,7 @@ type memType struct {
 type memBuckets struct {
 	buckets [numRes][]memBucket // each sorted by start
 	all     memBucket
+	until   int64 // of a series: the anchor from which it holds no data
 }
 
 type memBucket struct {
@@ -139,7 +140,7 @@ func (m *memoryStore) add(_ context.Context, batches []typeBatch, now time.Time)
 			m.release(reserved)
 			return &tooOldError{typ: b.typ, anchor: anchors[i]}
 		}
-		if err := t.seriesRoom(b, m.maxSeries); err != nil {
+		if err := t.seriesRoom(b, m.maxSeries, anchors[i]); err != nil {
 			m.release(reserved)
 			return err
 		}
@@ -168,9 +169,11 @@ func (t *memType) apply(b typeBatch, anchor int64, h retention) {
 	t.first, t.newest = min(t.first, b.first), max(t.newest, b.newest)
 	t.memBuckets.apply(b.deltas, anchor, h)
 	for _, sb := range b.series {
-		if s := t.series[sb.id]; s != &t.memBuckets {
+		s := t.series[sb.id]
+		if s != &t.memBuckets {
 			s.apply(sb.deltas, anchor, h)
 		}
+		s.until = max(s.until, sb.until)
 	}
 	t.version.Add(uint64(b.samples))
 }
@@ -196,6 +199,7 @@ func (t *memType) addSeries(id string, s *memBuckets) {
 	if t.series == nil {
 		t.series, t.pairs = map[string]*memBuckets{}, map[label]map[string]bool{}
 	}
+	s.until = math.MinInt64
 	t.series[id] = s
 	labels, _ := parseSeriesID(id) // made by seriesID
 	for _, l := range labels {
@@ -206,10 +210,32 @@ func (t *memType) addSeries(id string, s *memBuckets) {
 	}
 }
 
+// dropSeries removes a series and its place in the index of labels.
+func (t *memType) dropSeries(id string) {
+	delete(t.series, id)
+	labels, _ := parseSeriesID(id) // made by seriesID
+	for _, l := range labels {
+		if delete(t.pairs[l], id); len(t.pairs[l]) == 0 {
+			delete(t.pairs, l)
+		}
+	}
+}
+
 // seriesRoom refuses a batch that would take the type past maxSeries
-// series, naming the first new series, by id, beyond the limit.
-func (t *memType) seriesRoom(b typeBatch, maxSeries int) error {
-	room := maxSeries - len(t.series)
+// series at anchor, naming the first new series, by id, beyond the limit.
+// A series that holds no data at anchor, and is not in the batch, takes no
+// room, whether or not the sweep has dropped it yet.
+func (t *memType) seriesRoom(b typeBatch, maxSeries int, anchor int64) error {
+	inBatch := map[string]bool{}
+	for _, sb := range b.series {
+		inBatch[sb.id] = true
+	}
+	room := maxSeries
+	for id, s := range t.series {
+		if s.until > anchor || inBatch[id] {
+			room--
+		}
+	}
 	for _, sb := range b.series {
 		if _, ok := t.series[sb.id]; !ok {
 			if room--; room < 0 {
@@ -390,13 +416,22 @@ func (t *memBuckets) read(spans []span) []storedBucket {
 	return out
 }
 
-func (m *memoryStore) types(context.Context) ([]typeMeta, error) {
+func (m *memoryStore) types(_ context.Context, now time.Time) ([]typeMeta, error) {
 	var out []typeMeta
 	m.byName.Range(func(k, v any) bool {
 		t := v.(*memType)
 		t.mu.RLock()
 		if t.version.Load() > 0 {
-			out = append(out, t.metaLocked(k.(string)))
+			meta := t.metaLocked(k.(string))
+			// Only the series that still hold data, swept or not.
+			anchor := meta.anchor(now.UnixMicro())
+			meta.series = 0
+			for _, s := range t.series {
+				if s.until > anchor {
+					meta.series++
+				}
+			}
+			out = append(out, meta)
 		}
 		t.mu.RUnlock()
 		return true
@@ -422,7 +457,11 @@ func (m *memoryStore) sweep(now time.Time) {
 		t.mu.Lock()
 		anchor := anchorOf(t.newest, now.UnixMicro())
 		t.memBuckets.sweep(m.horizon, anchor)
-		for _, s := range t.series {
+		for id, s := range t.series {
+			if s.until <= anchor {
+				t.dropSeries(id) // it holds no data: its MAX_SERIES room is free
+				continue
+			}
 			if s != &t.memBuckets {
 				s.sweep(m.horizon, anchor)
 			}
@@ -504,28 +543,28 @@ func (s *redisStore) ingestCall(batches []typeBatch, now time.Time) *ingestCall 
 	c.args = []any{0, now.UnixMicro(), s.maxTypes, s.maxSeries, len(batches), len(c.idx)}
 	for i, r := range c.idx {
 		c.ix[r] = i + 1
-		c.args = append(c.args, s.horizon[r], r.seconds(), r.chunk()*r.seconds())
+		c.args = append(c.args, s.horizon[r], r.seconds(), r.chunk()*r.seconds(), r.String())
 	}
 	for _, b := range batches {
-		c.keys = append(c.keys, s.keys.meta(b.typ), s.keys.seriesRegistry(b.typ), s.keys.compactBuckets(b.typ))
-		c.args = append(c.args, b.typ, b.samples, b.first, b.newest, b.keepUntil, 1+len(b.series))
+		c.keys = append(c.keys, s.keys.meta(b.typ), s.keys.seriesRegistry(b.typ), s.keys.compactBuckets(b.typ), s.keys.seriesUntil(b.typ))
+		c.args = append(c.args, b.typ, s.keys.tag(b.typ), b.samples, b.first, b.newest, b.keepUntil, 1+len(b.series))
 		// The type-wide unit, then each series; a series' records are the
 		// type's own when it is the batch's only one, encoded once.
-		recs := c.unit(b.typ, typeWide, b.deltas, nil)
+		recs := c.unit(b.typ, typeWide, 0, b.deltas, nil)
 		for _, sb := range b.series {
 			if len(b.series) > 1 {
 				recs = nil
 			}
-			c.unit(b.typ, sb.id, sb.deltas, recs)
+			c.unit(b.typ, sb.id, sb.until, sb.deltas, recs)
 		}
 	}
 	return c
 }
 
-// unit adds one unit of typ, the series id or the type-wide buckets, with
-// the records of its deltas: recs where given, encoded otherwise, which it
-// returns.
-func (c *ingestCall) unit(typ, id string, deltas []bucketDelta, recs [][]byte) [][]byte {
+// unit adds one unit of typ, the series id (holding data until the anchor
+// until) or the type-wide buckets, with the records of its deltas: recs
+// where given, encoded otherwise, which it returns.
+func (c *ingestCall) unit(typ, id string, until int64, deltas []bucketDelta, recs [][]byte) [][]byte {
 	u := c.s.keys.unit(typ, id)
 	var labels []label
 	hash := ""
@@ -537,7 +576,7 @@ func (c *ingestCall) unit(typ, id string, deltas []bucketDelta, recs [][]byte) [
 	for _, l := range labels {
 		c.keys = append(c.keys, c.s.keys.labelIndex(typ, l))
 	}
-	c.args = append(c.args, id, hash, len(labels), len(deltas))
+	c.args = append(c.args, id, hash, until, len(labels), len(deltas))
 	for _, r := range c.idx {
 		c.args = append(c.args, bucketPrefix(u, r))
 	}
@@ -934,7 +973,7 @@ func (s *redisStore) metas(ctx context.Context, names []string) ([]typeMeta, err
 	return out, err
 }
 
-func (s *redisStore) types(ctx context.Context) ([]typeMeta, error) {
+func (s *redisStore) types(ctx context.Context, now time.Time) ([]typeMeta, error) {
 	var names []string
 	err := s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
 		var err error
@@ -957,5 +996,23 @@ func (s *redisStore) types(ctx context.Context) ([]typeMeta, error) {
 			}
 		}
 	}
-	return out, nil
+	// Only the series that still hold data, dropped by retention or not.
+	err = s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
+		for _, m := range out {
+			c.Send("ZCOUNT", s.keys.seriesUntil(m.name), "-inf", m.anchor(now.UnixMicro()))
+		}
+		if len(out) == 0 {
+			return nil
+		}
+		replies, err := redis.Values(do(c, deadline, ""))
+		for i := range out {
+			if err == nil {
+				var expired int
+				expired, err = redis.Int(replies[i], nil)
+				out[i].series -= expired
+			}
+		}
+		return err
+	})
+	return out, err
 }

@@ -40,8 +40,8 @@ local ntypes, nidx = tonumber(ARGV[5]), tonumber(ARGV[6])
 local a = 7
 local idx = {}
 for i = 1, nidx do
-  idx[i] = {h = tonumber(ARGV[a]), w = tonumber(ARGV[a + 1]), span = tonumber(ARGV[a + 2])}
-  a = a + 3
+  idx[i] = {h = tonumber(ARGV[a]), w = tonumber(ARGV[a + 1]), span = tonumber(ARGV[a + 2]), name = ARGV[a + 3]}
+  a = a + 4
 end
 
 local function int(x) return string.format('%d', x) end
@@ -51,11 +51,11 @@ local headerLen = 8
 -- Read phase.
 local types, k = {}, 3
 for i = 1, ntypes do
-  local ty = {name = ARGV[a], n = tonumber(ARGV[a + 1]), first = tonumber(ARGV[a + 2]),
-    newest = tonumber(ARGV[a + 3]), keepUntil = tonumber(ARGV[a + 4]), meta = KEYS[k],
-    registry = KEYS[k + 1], compactKey = KEYS[k + 2], units = {}}
-  local nunits = tonumber(ARGV[a + 5])
-  a, k = a + 6, k + 3
+  local ty = {name = ARGV[a], tag = ARGV[a + 1], n = tonumber(ARGV[a + 2]), first = tonumber(ARGV[a + 3]),
+    newest = tonumber(ARGV[a + 4]), keepUntil = tonumber(ARGV[a + 5]), meta = KEYS[k],
+    registry = KEYS[k + 1], compactKey = KEYS[k + 2], untilKey = KEYS[k + 3], units = {}}
+  local nunits = tonumber(ARGV[a + 6])
+  a, k = a + 7, k + 4
   local m = redis.call('HMGET', ty.meta, 'v', 'f', 'n', 's')
   ty.version = tonumber(m[1]) or 0
   if ty.version > 0 then
@@ -64,10 +64,10 @@ for i = 1, ntypes do
   end
   ty.anchor = math.floor(math.min(ty.newest, nowUs) / 1000000)
   for u = 1, nunits do
-    local un = {id = ARGV[a], hash = ARGV[a + 1], meta = KEYS[k], buckets = {}, prefixes = {},
-      idxKeys = {}, created = {}, chunks = {}, labelKeys = {}}
-    local nl, nb = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-    a, k = a + 4, k + 1
+    local un = {id = ARGV[a], hash = ARGV[a + 1], untilScore = ARGV[a + 2], meta = KEYS[k], buckets = {},
+      prefixes = {}, idxKeys = {}, created = {}, chunks = {}, labelKeys = {}}
+    local nl, nb = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+    a, k = a + 5, k + 1
     for j = 1, nl do un.labelKeys[j] = KEYS[k]; k = k + 1 end
     un.firstKey = k
     for j = 1, nidx do un.prefixes[j] = ARGV[a]; a = a + 1 end
@@ -85,7 +85,18 @@ for i = 1, ntypes do
   local hashes = {}
   for u = 2, nunits do hashes[#hashes + 1] = ty.units[u].hash end
   local known = #hashes > 0 and redis.call('HMGET', ty.registry, unpack(hashes)) or {}
+  -- A series that holds no data at the anchor takes no room, whether or
+  -- not retention has dropped it yet, unless the batch writes to it.
+  local expired = nunits > 1 and redis.call('ZCOUNT', ty.untilKey, '-inf', int(ty.anchor)) or 0
   local room, checked = nil, {}
+  local function roomLeft()
+    local live = redis.call('HLEN', ty.registry) - expired
+    local scores = redis.call('ZMSCORE', ty.untilKey, unpack(hashes))
+    for u = 2, nunits do
+      if known[u - 1] and scores[u - 1] and tonumber(scores[u - 1]) <= ty.anchor then live = live + 1 end
+    end
+    return maxSeries - live
+  end
   for u = 2, nunits do
     local un, id = ty.units[u], known[u - 1]
     if id then
@@ -93,7 +104,7 @@ for i = 1, ntypes do
       un.known = true
     else
       -- The room left is asked for only when a series is new.
-      room = room or maxSeries - redis.call('HLEN', ty.registry)
+      room = room or roomLeft()
       -- A label's set is shared by its series: checked once.
       for _, key in ipairs(un.labelKeys) do
         if not checked[key] then redis.call('SCARD', key); checked[key] = true end
@@ -286,9 +297,62 @@ local function sweep(ty, un)
   return done
 end
 
+-- labelKeysOf is the keys of the sets of a series' labels: each label's
+-- text in its id (name="value", up to the value's unescaped closing quote)
+-- after the type's tag and 'l:'.
+local function labelKeysOf(tag, id)
+  local out, pos = {}, 1
+  while pos <= #id do
+    local eq = string.find(id, '="', pos, true)
+    if not eq then break end
+    local j = eq + 2
+    while j <= #id do
+      local c = string.sub(id, j, j)
+      if c == '\\' then j = j + 2 elseif c == '"' then break else j = j + 1 end
+    end
+    out[#out + 1] = tag .. 'l:' .. string.sub(id, pos, j)
+    pos = j + 2
+  end
+  return out
+end
+
+-- trim drops the series of a type that hold no data at its anchor: their
+-- remaining buckets chunk by chunk within the sweep's budget, then their
+-- indexes, meta, registry entry and places in the sets of their labels.
+-- It reports whether none is left to drop.
+local function trim(ty)
+  local gone = redis.call('ZRANGEBYSCORE', ty.untilKey, '-inf', int(ty.anchor), 'LIMIT', 0, 4)
+  for _, h in ipairs(gone) do
+    local unit = ty.tag .. 's:' .. h .. ':'
+    for j = 1, nidx do
+      local ix, ixKey = idx[j], unit .. 'i:' .. idx[j].name
+      local chunks = sweepBudget > 0 and redis.call('ZRANGE', ixKey, 0, sweepBudget - 1) or {}
+      for _, cs in ipairs(chunks) do
+        local first, names = tonumber(cs), {}
+        for s = first, first + ix.span - ix.w, ix.w do names[#names + 1] = unit .. 'b:' .. ix.name .. ':' .. int(s) end
+        redis.call('UNLINK', unpack(names))
+        redis.call('ZREM', ixKey, cs)
+        sweepBudget = sweepBudget - 1
+      end
+      if redis.call('EXISTS', ixKey) == 1 then return false end
+    end
+    local id = redis.call('HGET', ty.registry, h)
+    if id then
+      for _, key in ipairs(labelKeysOf(ty.tag, id)) do redis.call('SREM', key, id) end
+      redis.call('HDEL', ty.registry, h)
+    end
+    redis.call('UNLINK', unit .. 'm', unit .. 'b:all')
+    redis.call('ZREM', ty.untilKey, h)
+  end
+  return #gone < 4
+end
+
 for _, ty in ipairs(types) do
-  local added, members, labelKeys = {}, {}, {}
+  local added, members, labelKeys, untils = {}, {}, {}, {}
   for u, un in ipairs(ty.units) do
+    if u > 1 then
+      untils[#untils + 1], untils[#untils + 2] = un.untilScore, un.hash
+    end
     if u > 1 and not un.known then
       added[#added + 1], added[#added + 2] = un.hash, un.id
       for _, key in ipairs(un.labelKeys) do
@@ -315,9 +379,15 @@ for _, ty in ipairs(types) do
     local ms = members[key]
     for j = 1, #ms, 1000 do redis.call('SADD', key, unpack(ms, j, math.min(j + 999, #ms))) end
   end
+  for j = 1, #untils, 1000 do
+    redis.call('ZADD', ty.untilKey, 'GT', unpack(untils, j, math.min(j + 999, #untils)))
+  end
+  -- Series run out of data as the anchor moves, when the type-wide
+  -- buckets are swept too.
+  local trimmed = not ty.units[1].sweep or trim(ty)
   if ty.compact then redis.call('SADD', KEYS[2], ty.name) end
   local meta = {'v', int(ty.version + ty.n), 'f', int(ty.first), 'n', int(ty.newest)}
-  if ty.units[1].sweep and ty.units[1].done or ty.version == 0 then
+  if ty.units[1].sweep and ty.units[1].done and trimmed or ty.version == 0 then
     meta[#meta + 1], meta[#meta + 2] = 's', int(ty.anchor)
   end
   redis.call('HSET', ty.meta, unpack(meta))
