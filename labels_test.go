@@ -518,3 +518,41 @@ func TestSeriesRetention(t *testing.T) {
 		}
 	})
 }
+
+// TestMaxSeriesDefault fills the default MAX_SERIES of 1,000 in one batch:
+// the 1,001st series is refused with the batch that brings it, and the
+// first 1,000 keep being accepted.
+func TestMaxSeriesDefault(t *testing.T) {
+	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
+		if e.cfg.MaxSeries != 1000 {
+			t.Fatalf("MAX_SERIES default = %d, want 1000", e.cfg.MaxSeries)
+		}
+		base := serve(t, e.cfg, e.b)
+		at := sampleTime.Format(time.RFC3339)
+		item := func(h int) string {
+			return fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":"h%d"}}`, at, h)
+		}
+		items := make([]string, 1000)
+		for h := range items {
+			items[h] = item(h)
+		}
+		if r := post(t, base, "["+strings.Join(items, ",")+"]"); r.status != 201 {
+			t.Fatalf("POST 1,000 series = %d %s", r.status, r.body)
+		}
+		r := post(t, base, "["+item(5)+","+item(1000)+"]")
+		if d, _ := r.json(t)["detail"].(string); r.status != 422 || !strings.Contains(d, `item 1: labels {host="h1000"}`) {
+			t.Errorf("POST the 1,001st series = %d %s, want 422 naming item 1", r.status, r.body)
+		}
+		if n := count(t, e.b, "cpu"); n != 1000 {
+			t.Errorf("count after the refused batch = %d, want 1000", n)
+		}
+		for _, h := range []int{0, 999} {
+			if r := post(t, base, item(h)); r.status != 201 {
+				t.Errorf("POST series h%d at MAX_SERIES = %d %s", h, r.status, r.body)
+			}
+		}
+		if r := get(t, base+"/api/metrics/types"); !strings.Contains(r.body, `"series":1000}`) {
+			t.Errorf("types = %s, want 1000 series", r.body)
+		}
+	})
+}
