@@ -556,3 +556,94 @@ func TestMaxSeriesDefault(t *testing.T) {
 		}
 	})
 }
+
+// TestSeriesBackPastMaxSeries lets two series run out of data, fills
+// their room with two new ones, then brings one of the old ones back:
+// it takes room again, so it is refused, on both stores alike, whether
+// or not retention has dropped it yet.
+func TestSeriesBackPastMaxSeries(t *testing.T) {
+	forEachStore(t, func(c *config) {
+		c.MaxSeries = 2
+		c.Retention = retention{3600, 7200, 2 * 86400, 3 * 86400}
+	}, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		post1 := func(host string, at time.Time) response {
+			return post(t, base, fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":%q}}`, at.Format(time.RFC3339), host))
+		}
+		t0 := e.clock.now().Add(-time.Hour)
+		for _, h := range []string{"a", "b"} {
+			if r := post1(h, t0); r.status != 201 {
+				t.Fatalf("POST %s = %d %s", h, r.status, r.body)
+			}
+		}
+		e.clock.advance(5 * 24 * time.Hour)
+		now := e.clock.now().Add(-time.Minute)
+		if r := post(t, base, "["+strings.Join([]string{
+			fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":"c"}}`, now.Format(time.RFC3339)),
+			fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":"d"}}`, now.Format(time.RFC3339)),
+		}, ",")+"]"); r.status != 201 {
+			t.Fatalf("POST c and d = %d %s", r.status, r.body)
+		}
+		if r := post1("a", now); r.status != 422 || !strings.Contains(r.body, `labels {host=\"a\"}`) {
+			t.Errorf("POST a, back with two series holding data at MAX_SERIES=2 = %d %s, want 422 naming it", r.status, r.body)
+		}
+	})
+}
+
+// TestManySeriesInOneBatch ingests more new series in one batch than Lua
+// unpacks in one call.
+func TestManySeriesInOneBatch(t *testing.T) {
+	forEachStore(t, func(c *config) { c.MaxSeries = 100_000 }, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		at := sampleTime.Format(time.RFC3339)
+		items := make([]string, 8500)
+		for h := range items {
+			items[h] = fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":"h%d"}}`, at, h)
+		}
+		if r := post(t, base, "["+strings.Join(items, ",")+"]"); r.status != 201 {
+			t.Fatalf("POST 8,500 new series = %d %s", r.status, r.body)
+		}
+		if n := count(t, e.b, "cpu"); n != 8500 {
+			t.Errorf("count = %d, want 8500", n)
+		}
+	})
+}
+
+// TestTrimChecksItsKeysFirst plants a key of the wrong type where
+// retention will drop a series: the ingest that would drop it must fail
+// whole, storing nothing, rather than after its writes.
+func TestTrimChecksItsKeysFirst(t *testing.T) {
+	e := redisStoreEnv(t, func(c *config) { c.Retention = retention{3600, 7200, 2 * 86400, 3 * 86400} })
+	base := serve(t, e.cfg, e.b)
+	post1 := func(host string, at time.Time) response {
+		return post(t, base, fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":%q}}`, at.Format(time.RFC3339), host))
+	}
+	t0 := e.clock.now().Add(-time.Hour)
+	for _, h := range []string{"old", "new"} {
+		if r := post1(h, t0); r.status != 201 {
+			t.Fatalf("POST %s = %d %s", h, r.status, r.body)
+		}
+	}
+	c := e.pool.Get()
+	defer c.Close()
+	k := keys{e.prefix}
+	for _, bad := range []string{k.labelIndex("cpu", label{"host", "old"}), indexKey(k.unit("cpu", seriesID([]label{{"host", "old"}})), res1s)} {
+		if _, err := c.Do("SET", bad, "x"); err != nil {
+			t.Fatal(err)
+		}
+		e.clock.advance(5 * 24 * time.Hour) // "old" holds no data from here on
+		at := e.clock.now().Add(-time.Minute)
+		if r := post1("new", at); r.status != 503 {
+			t.Errorf("POST with %s of the wrong type = %d %s, want 503", bad, r.status, r.body)
+		}
+		if storedBucketExists(t, e, "cpu", res1s, at.Unix()) {
+			t.Errorf("the failed ingest's 1 s bucket exists: it stored part of itself")
+		}
+		if _, err := c.Do("DEL", bad); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r := post1("new", e.clock.now().Add(-time.Minute)); r.status != 201 {
+		t.Errorf("POST once the keys are sound = %d %s", r.status, r.body)
+	}
+}

@@ -222,22 +222,19 @@ func (t *memType) dropSeries(id string) {
 }
 
 // seriesRoom refuses a batch that would take the type past maxSeries
-// series at anchor, naming the first new series, by id, beyond the limit.
-// A series that holds no data at anchor, and is not in the batch, takes no
-// room, whether or not the sweep has dropped it yet.
+// series holding data at anchor, naming the first series, by id, beyond
+// the limit. A series that holds no data at anchor takes no room, whether
+// or not the sweep has dropped it yet; one the batch brings, new or back
+// from having none, takes room.
 func (t *memType) seriesRoom(b typeBatch, maxSeries int, anchor int64) error {
-	inBatch := map[string]bool{}
-	for _, sb := range b.series {
-		inBatch[sb.id] = true
-	}
 	room := maxSeries
-	for id, s := range t.series {
-		if s.until > anchor || inBatch[id] {
+	for _, s := range t.series {
+		if s.until > anchor {
 			room--
 		}
 	}
 	for _, sb := range b.series {
-		if _, ok := t.series[sb.id]; !ok {
+		if s, ok := t.series[sb.id]; !ok || s.until <= anchor {
 			if room--; room < 0 {
 				return &tooManySeriesError{typ: b.typ, id: sb.id}
 			}

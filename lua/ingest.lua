@@ -5,19 +5,21 @@
 --
 -- KEYS: the set of type names, the set of types with buckets to compact;
 -- then per type its meta hash, its series registry, its set of buckets to
--- compact, and per unit (the type-wide buckets first, then each series of
+-- compact, its sorted set of the anchors its series hold data until, and
+-- per unit (the type-wide buckets first, then each series of
 -- the ingest) the unit's meta hash (the type's own for the type-wide
 -- unit), the set of series of each of its labels, one string per bucket it
 -- adds to (in ARGV's order) and one retention index per resolution that is
 -- not kept forever.
 -- ARGV: fence (Unix us, Redis's clock), now (Unix us, the service's
 -- clock), MAX_TYPES, MAX_SERIES, the number of types, the number of
--- indexes nidx; nidx triples (horizon, bucket width, chunk span, in
--- seconds); then per type: name, samples, first and newest (Unix us),
--- keepUntil (the anchor at which some sample would no longer be kept),
--- the number of units; per unit: series id ('*' for type-wide), its hash
--- ('' for type-wide), its number of labels, bucket count nb, nidx
--- bucket-name prefixes; then per
+-- indexes nidx; nidx quadruples (horizon, bucket width, chunk span, in
+-- seconds, and the resolution's name); then per type: name, the prefix of
+-- its keys ('{T}:'), samples, first and newest (Unix us), keepUntil (the
+-- anchor at which some sample would no longer be kept), the number of
+-- units; per unit: series id ('*' for type-wide), its hash ('' for
+-- type-wide), the anchor it holds data until (series only), its number of
+-- labels, bucket count nb, nidx bucket-name prefixes; then per
 -- bucket: index number (0: none), start, expiry (the anchor at which it
 -- goes; a huge number for never), and what the ingest adds to it as one
 -- record.
@@ -47,6 +49,29 @@ end
 local function int(x) return string.format('%d', x) end
 
 local headerLen = 8
+
+-- trimAtOnce is how many series without data one ingest drops at most.
+local trimAtOnce = 4
+
+-- labelKeysOf is the keys of the sets of a series' labels: each label's
+-- text in its id (name="value", up to the value's unescaped closing quote)
+-- after the type's tag and 'l:'.
+local function labelKeysOf(tag, id)
+  local out, pos = {}, 1
+  while pos <= #id do
+    local eq = string.find(id, '="', pos, true)
+    if not eq then break end
+    local j = eq + 2
+    while j <= #id do
+      local c = string.sub(id, j, j)
+      if c == '\\' then j = j + 2 elseif c == '"' then break else j = j + 1 end
+    end
+    out[#out + 1] = tag .. 'l:' .. string.sub(id, pos, j)
+    pos = j + 2
+  end
+  return out
+end
+
 
 -- Read phase.
 local types, k = {}, 3
@@ -84,27 +109,32 @@ for i = 1, ntypes do
   -- a hash that names another series refused rather than merged.
   local hashes = {}
   for u = 2, nunits do hashes[#hashes + 1] = ty.units[u].hash end
-  local known = #hashes > 0 and redis.call('HMGET', ty.registry, unpack(hashes)) or {}
-  -- A series that holds no data at the anchor takes no room, whether or
-  -- not retention has dropped it yet, unless the batch writes to it.
-  local expired = nunits > 1 and redis.call('ZCOUNT', ty.untilKey, '-inf', int(ty.anchor)) or 0
-  local room, checked = nil, {}
-  local function roomLeft()
-    local live = redis.call('HLEN', ty.registry) - expired
-    local scores = redis.call('ZMSCORE', ty.untilKey, unpack(hashes))
-    for u = 2, nunits do
-      if known[u - 1] and scores[u - 1] and tonumber(scores[u - 1]) <= ty.anchor then live = live + 1 end
+  -- Asked a thousand at a time: Lua unpacks only so many values.
+  local function each(cmd, key)
+    local out = {}
+    for j = 1, #hashes, 1000 do
+      for _, v in ipairs(redis.call(cmd, key, unpack(hashes, j, math.min(j + 999, #hashes)))) do
+        out[#out + 1] = v
+      end
     end
-    return maxSeries - live
+    return out
   end
+  local known, scores = each('HMGET', ty.registry), each('ZMSCORE', ty.untilKey)
+  -- A series that holds no data at the anchor takes no room, whether or
+  -- not retention has dropped it yet; one the batch brings, new or back
+  -- from having none, takes room and is refused past MAX_SERIES.
+  local room = maxSeries - (redis.call('HLEN', ty.registry) - redis.call('ZCOUNT', ty.untilKey, '-inf', int(ty.anchor)))
+  local checked = {}
   for u = 2, nunits do
     local un, id = ty.units[u], known[u - 1]
     if id then
       if id ~= un.id then return redis.error_reply('COLLISION ' .. ty.name .. ' ' .. un.hash) end
       un.known = true
+      if scores[u - 1] and tonumber(scores[u - 1]) <= ty.anchor then
+        room = room - 1
+        if room < 0 then ty.overSeries = ty.overSeries or un.hash end
+      end
     else
-      -- The room left is asked for only when a series is new.
-      room = room or roomLeft()
       -- A label's set is shared by its series: checked once.
       for _, key in ipairs(un.labelKeys) do
         if not checked[key] then redis.call('SCARD', key); checked[key] = true end
@@ -139,6 +169,24 @@ for i = 1, ntypes do
     un.sweep = ty.version > 0 and nidx > 0 and ty.anchor > (tonumber(s) or -math.huge)
   end
   redis.call('SCARD', ty.compactKey)
+  -- The series that hold no data are dropped (trim) when the anchor moves,
+  -- a few at a time; what that reads, and so the type of every key it
+  -- writes, is taken here.
+  ty.gone = {}
+  if ty.units[1].sweep then
+    for _, h in ipairs(redis.call('ZRANGEBYSCORE', ty.untilKey, '-inf', int(ty.anchor), 'LIMIT', 0, trimAtOnce)) do
+      local g = {hash = h, unit = ty.tag .. 's:' .. h .. ':', id = redis.call('HGET', ty.registry, h),
+        chunks = {}, more = {}, labelKeys = {}}
+      for j = 1, nidx do
+        local ixKey = g.unit .. 'i:' .. idx[j].name
+        g.chunks[j] = redis.call('ZRANGE', ixKey, 0, 31)
+        g.more[j] = redis.call('ZCARD', ixKey) > #g.chunks[j]
+      end
+      if g.id then g.labelKeys = labelKeysOf(ty.tag, g.id) end
+      for _, key in ipairs(g.labelKeys) do redis.call('SCARD', key) end
+      ty.gone[#ty.gone + 1] = g
+    end
+  end
   for _, un in ipairs(ty.units) do
     if un.present then
       local indexed = {}
@@ -297,54 +345,32 @@ local function sweep(ty, un)
   return done
 end
 
--- labelKeysOf is the keys of the sets of a series' labels: each label's
--- text in its id (name="value", up to the value's unescaped closing quote)
--- after the type's tag and 'l:'.
-local function labelKeysOf(tag, id)
-  local out, pos = {}, 1
-  while pos <= #id do
-    local eq = string.find(id, '="', pos, true)
-    if not eq then break end
-    local j = eq + 2
-    while j <= #id do
-      local c = string.sub(id, j, j)
-      if c == '\\' then j = j + 2 elseif c == '"' then break else j = j + 1 end
-    end
-    out[#out + 1] = tag .. 'l:' .. string.sub(id, pos, j)
-    pos = j + 2
-  end
-  return out
-end
-
--- trim drops the series of a type that hold no data at its anchor: their
--- remaining buckets chunk by chunk within the sweep's budget, then their
--- indexes, meta, registry entry and places in the sets of their labels.
--- It reports whether none is left to drop.
+-- trim drops the series of a type that hold no data at its anchor, as
+-- the read phase found them: their remaining buckets chunk by chunk within
+-- the sweep's budget, then their indexes, meta, registry entry and places
+-- in the sets of their labels. It reports whether none is left to drop.
 local function trim(ty)
-  local gone = redis.call('ZRANGEBYSCORE', ty.untilKey, '-inf', int(ty.anchor), 'LIMIT', 0, 4)
-  for _, h in ipairs(gone) do
-    local unit = ty.tag .. 's:' .. h .. ':'
+  for _, g in ipairs(ty.gone) do
     for j = 1, nidx do
-      local ix, ixKey = idx[j], unit .. 'i:' .. idx[j].name
-      local chunks = sweepBudget > 0 and redis.call('ZRANGE', ixKey, 0, sweepBudget - 1) or {}
-      for _, cs in ipairs(chunks) do
+      local ix, ixKey = idx[j], g.unit .. 'i:' .. idx[j].name
+      for _, cs in ipairs(g.chunks[j]) do
+        if sweepBudget == 0 then return false end
         local first, names = tonumber(cs), {}
-        for s = first, first + ix.span - ix.w, ix.w do names[#names + 1] = unit .. 'b:' .. ix.name .. ':' .. int(s) end
+        for s = first, first + ix.span - ix.w, ix.w do names[#names + 1] = g.unit .. 'b:' .. ix.name .. ':' .. int(s) end
         redis.call('UNLINK', unpack(names))
         redis.call('ZREM', ixKey, cs)
         sweepBudget = sweepBudget - 1
       end
-      if redis.call('EXISTS', ixKey) == 1 then return false end
+      if g.more[j] then return false end
     end
-    local id = redis.call('HGET', ty.registry, h)
-    if id then
-      for _, key in ipairs(labelKeysOf(ty.tag, id)) do redis.call('SREM', key, id) end
-      redis.call('HDEL', ty.registry, h)
+    if g.id then
+      for _, key in ipairs(g.labelKeys) do redis.call('SREM', key, g.id) end
+      redis.call('HDEL', ty.registry, g.hash)
     end
-    redis.call('UNLINK', unit .. 'm', unit .. 'b:all')
-    redis.call('ZREM', ty.untilKey, h)
+    redis.call('UNLINK', g.unit .. 'm', g.unit .. 'b:all')
+    redis.call('ZREM', ty.untilKey, g.hash)
   end
-  return #gone < 4
+  return #ty.gone < trimAtOnce
 end
 
 for _, ty in ipairs(types) do
