@@ -196,6 +196,12 @@ func BenchmarkWindowedSummary(b *testing.B) {
 		b.ReportMetric(float64(b.Elapsed().Microseconds())/1000/float64(b.N), "ms/summary")
 	}
 	clock := func() time.Time { return now }
+	benchBothStores(b, clock, run)
+}
+
+// benchBothStores runs run against a memory backend and a Redis one (on
+// the tests' Redis, under a prefix of its own), both on clock.
+func benchBothStores(b *testing.B, clock func() time.Time, run func(*testing.B, backend)) {
 	b.Run("memory", func(b *testing.B) { run(b, newMemoryBackend(testConfig(b), clock)) })
 	b.Run("redis", func(b *testing.B) {
 		needRedis(b)
@@ -216,10 +222,7 @@ func BenchmarkWindowedSummary(b *testing.B) {
 //
 //	go test -run '^$' -bench MemoryBound -benchtime=1x
 func BenchmarkMemoryBound(b *testing.B) {
-	total := 20_000_000
-	if n, err := strconv.Atoi(os.Getenv("BENCH_SAMPLES")); err == nil && n > 0 {
-		total = n
-	}
+	total := benchSamples()
 	bin := buildService(b)
 	for _, store := range []string{"memory", "redis"} {
 		b.Run(store, func(b *testing.B) {
@@ -280,12 +283,31 @@ func BenchmarkMemoryBound(b *testing.B) {
 	}
 }
 
+// benchSamples is BENCH_SAMPLES, 20 million by default.
+func benchSamples() int {
+	if n, err := strconv.Atoi(os.Getenv("BENCH_SAMPLES")); err == nil && n > 0 {
+		return n
+	}
+	return 20_000_000
+}
+
+// benchHour is the simulated hour of BenchmarkMemoryBound.
+var benchHour = time.Date(2025, 1, 1, 10, 0, 0, 0, time.UTC)
+
+// hourSample is the i-th of n samples spread evenly over benchHour, with a
+// latency-like value (log-normal around 20, to 0.1) and one of 16 types.
+func hourSample(rng *rand.Rand, i, n int) sample {
+	// In microseconds, so the product stays within int64.
+	at := benchHour.Add(time.Duration(int64(i)*int64(time.Hour/time.Microsecond)/int64(n)) * time.Microsecond)
+	v := math.Round(math.Exp(3+0.5*rng.NormFloat64())*10) / 10
+	return sample{typ: fmt.Sprintf("type%d", rng.IntN(16)), at: at.UnixMicro(), value: v}
+}
+
 // postHour posts n samples over 16 types spread evenly over one hour, in
 // batches of 10,000 in time order (as an agent flushes what it gathered),
 // from two clients at once. A 503 is retried: it stored nothing.
 func postHour(b *testing.B, base string, n int, seed uint64) {
 	const batch = 10_000
-	hour := time.Date(2025, 1, 1, 10, 0, 0, 0, time.UTC)
 	var wg sync.WaitGroup
 	errs := make(chan error, 2)
 	for w := range 2 {
@@ -300,10 +322,8 @@ func postHour(b *testing.B, base string, n int, seed uint64) {
 					if j > 0 {
 						body.WriteByte(',')
 					}
-					// In microseconds, so the product stays within int64.
-					at := hour.Add(time.Duration(int64(i+j)*int64(time.Hour/time.Microsecond)/int64(n)) * time.Microsecond)
-					v := math.Round(math.Exp(3+0.5*rng.NormFloat64())*10) / 10
-					fmt.Fprintf(&body, `{"timestamp":"%s","value":%g,"type":"type%d"}`, at.Format(time.RFC3339Nano), v, rng.IntN(16))
+					s := hourSample(rng, i+j, n)
+					fmt.Fprintf(&body, `{"timestamp":"%s","value":%g,"type":%q}`, time.UnixMicro(s.at).UTC().Format(time.RFC3339Nano), s.value, s.typ)
 				}
 				body.WriteByte(']')
 				for try := 0; ; try++ {
@@ -591,13 +611,7 @@ func BenchmarkLabelledQuery(b *testing.B) {
 		}
 	}
 	clock := func() time.Time { return hour.Add(time.Hour) }
-	b.Run("memory", func(b *testing.B) { run(b, newMemoryBackend(testConfig(b), clock)) })
-	b.Run("redis", func(b *testing.B) {
-		needRedis(b)
-		cfg := testConfig(b)
-		prefix := testPrefix()
-		run(b, newRedisBackend(testPool(b, cfg, prefix), prefix, cfg, clock))
-	})
+	benchBothStores(b, clock, run)
 }
 
 // BenchmarkMemoryStoreLiveHeap adds the samples of BenchmarkMemoryBound's
@@ -607,19 +621,13 @@ func BenchmarkLabelledQuery(b *testing.B) {
 //
 //	go test -run '^$' -bench MemoryStoreLiveHeap -benchtime=1x
 func BenchmarkMemoryStoreLiveHeap(b *testing.B) {
-	total := 20_000_000
-	if n, err := strconv.Atoi(os.Getenv("BENCH_SAMPLES")); err == nil && n > 0 {
-		total = n
-	}
-	hour := time.Date(2025, 1, 1, 10, 0, 0, 0, time.UTC)
+	total := benchSamples()
 	for b.Loop() {
-		bk := newMemoryBackend(testConfig(b), func() time.Time { return hour.Add(2 * time.Hour) })
+		bk := newMemoryBackend(testConfig(b), func() time.Time { return benchHour.Add(2 * time.Hour) })
 		rng := rand.New(rand.NewPCG(1, 0))
 		batch := make([]sample, 0, 10_000)
 		for i := range total {
-			at := hour.Add(time.Duration(int64(i)*int64(time.Hour/time.Microsecond)/int64(total)) * time.Microsecond)
-			v := math.Round(math.Exp(3+0.5*rng.NormFloat64())*10) / 10
-			batch = append(batch, sample{typ: fmt.Sprintf("type%d", rng.IntN(16)), at: at.UnixMicro(), value: v})
+			batch = append(batch, hourSample(rng, i, total))
 			if len(batch) == cap(batch) {
 				if err := storeAdd(bk, batch...); err != nil {
 					b.Fatal(err)

@@ -99,6 +99,24 @@ func metricBody(typ string, at time.Time, v float64) string {
 	return string(b)
 }
 
+// hostBody is metricBody with one label, host.
+func hostBody(typ, host string, at time.Time, v float64) string {
+	return fmt.Sprintf(`{"timestamp":%q,"value":%g,"type":%q,"labels":{"host":%q}}`, at.UTC().Format(time.RFC3339Nano), v, typ, host)
+}
+
+// comparedStores is the memory store and two Redis instances on one
+// prefix (as two service instances share one Redis), for checks that
+// ingest alternately through the Redis ones and compare with memory.
+func comparedStores(t *testing.T, cfg config, clock *fakeClock) (mem, redisA, redisB backend) {
+	t.Helper()
+	needRedis(t)
+	prefix := testPrefix()
+	poolB := newRedisPool(cfg, nil)
+	t.Cleanup(func() { poolB.Close() })
+	return newMemoryBackend(cfg, clock.now), newRedisBackend(testPool(t, cfg, prefix), prefix, cfg, clock.now),
+		newRedisBackend(poolB, prefix, cfg, clock.now)
+}
+
 func get(t testing.TB, url string) response {
 	t.Helper()
 	return send(t, "GET", url, "", "")

@@ -27,16 +27,10 @@ type labelledRaw struct {
 // and series against a recomputation from the raw samples, and the stores
 // against each other, to the bit.
 func TestLabelsMatchBruteForce(t *testing.T) {
-	needRedis(t)
 	cfg := testConfig(t)
 	cfg.Retention = retention{}
 	clock := newFakeClock(testEpoch.Add(10 * 24 * time.Hour))
-	mem := newMemoryBackend(cfg, clock.now)
-	prefix := testPrefix()
-	redisA := newRedisBackend(testPool(t, cfg, prefix), prefix, cfg, clock.now)
-	poolB := newRedisPool(cfg, nil)
-	t.Cleanup(func() { poolB.Close() })
-	redisB := newRedisBackend(poolB, prefix, cfg, clock.now)
+	mem, redisA, redisB := comparedStores(t, cfg, clock)
 
 	rng := rand.New(rand.NewPCG(11, 12))
 	values := map[string][]string{
@@ -367,12 +361,11 @@ func TestMaxSeries(t *testing.T) {
 		h := httptest.NewServer(newHandler(discardLogger(), e.cfg, tel, e.b))
 		t.Cleanup(h.Close)
 		srv := h.URL
-		at := sampleTime.Format(time.RFC3339)
 		body := func(host string) string {
 			if host == "" {
 				return metricBody("cpu", sampleTime, 1)
 			}
-			return fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":%q}}`, at, host)
+			return hostBody("cpu", host, sampleTime, 1)
 		}
 		for _, h := range []string{"", "a", "b"} {
 			if r := post(t, srv, body(h)); r.status != 201 {
@@ -463,7 +456,7 @@ func TestSeriesRetention(t *testing.T) {
 	}, func(t *testing.T, e storeEnv) {
 		base := serve(t, e.cfg, e.b)
 		post1 := func(host string, at time.Time, v float64) response {
-			return post(t, base, fmt.Sprintf(`{"timestamp":%q,"value":%g,"type":"cpu","labels":{"host":%q}}`, at.Format(time.RFC3339), v, host))
+			return post(t, base, hostBody("cpu", host, at, v))
 		}
 		t0 := e.clock.now().Add(-time.Hour)
 		for _, h := range []string{"old", "new"} {
@@ -528,9 +521,8 @@ func TestMaxSeriesDefault(t *testing.T) {
 			t.Fatalf("MAX_SERIES default = %d, want 1000", e.cfg.MaxSeries)
 		}
 		base := serve(t, e.cfg, e.b)
-		at := sampleTime.Format(time.RFC3339)
 		item := func(h int) string {
-			return fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":"h%d"}}`, at, h)
+			return hostBody("cpu", fmt.Sprintf("h%d", h), sampleTime, 1)
 		}
 		items := make([]string, 1000)
 		for h := range items {
@@ -567,9 +559,7 @@ func TestSeriesBackPastMaxSeries(t *testing.T) {
 		c.Retention = retention{3600, 7200, 2 * 86400, 3 * 86400}
 	}, func(t *testing.T, e storeEnv) {
 		base := serve(t, e.cfg, e.b)
-		post1 := func(host string, at time.Time) response {
-			return post(t, base, fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":%q}}`, at.Format(time.RFC3339), host))
-		}
+		post1 := func(host string, at time.Time) response { return post(t, base, hostBody("cpu", host, at, 1)) }
 		t0 := e.clock.now().Add(-time.Hour)
 		for _, h := range []string{"a", "b"} {
 			if r := post1(h, t0); r.status != 201 {
@@ -579,8 +569,7 @@ func TestSeriesBackPastMaxSeries(t *testing.T) {
 		e.clock.advance(5 * 24 * time.Hour)
 		now := e.clock.now().Add(-time.Minute)
 		if r := post(t, base, "["+strings.Join([]string{
-			fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":"c"}}`, now.Format(time.RFC3339)),
-			fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":"d"}}`, now.Format(time.RFC3339)),
+			hostBody("cpu", "c", now, 1), hostBody("cpu", "d", now, 1),
 		}, ",")+"]"); r.status != 201 {
 			t.Fatalf("POST c and d = %d %s", r.status, r.body)
 		}
@@ -595,10 +584,9 @@ func TestSeriesBackPastMaxSeries(t *testing.T) {
 func TestManySeriesInOneBatch(t *testing.T) {
 	forEachStore(t, func(c *config) { c.MaxSeries = 100_000 }, func(t *testing.T, e storeEnv) {
 		base := serve(t, e.cfg, e.b)
-		at := sampleTime.Format(time.RFC3339)
 		items := make([]string, 8500)
 		for h := range items {
-			items[h] = fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":"h%d"}}`, at, h)
+			items[h] = hostBody("cpu", fmt.Sprintf("h%d", h), sampleTime, 1)
 		}
 		if r := post(t, base, "["+strings.Join(items, ",")+"]"); r.status != 201 {
 			t.Fatalf("POST 8,500 new series = %d %s", r.status, r.body)
@@ -615,9 +603,7 @@ func TestManySeriesInOneBatch(t *testing.T) {
 func TestTrimChecksItsKeysFirst(t *testing.T) {
 	e := redisStoreEnv(t, func(c *config) { c.Retention = retention{3600, 7200, 2 * 86400, 3 * 86400} })
 	base := serve(t, e.cfg, e.b)
-	post1 := func(host string, at time.Time) response {
-		return post(t, base, fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"cpu","labels":{"host":%q}}`, at.Format(time.RFC3339), host))
-	}
+	post1 := func(host string, at time.Time) response { return post(t, base, hostBody("cpu", host, at, 1)) }
 	t0 := e.clock.now().Add(-time.Hour)
 	for _, h := range []string{"old", "new"} {
 		if r := post1(h, t0); r.status != 201 {

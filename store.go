@@ -944,18 +944,14 @@ func (s *redisStore) metas(ctx context.Context, names []string) ([]typeMeta, err
 	err := s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
 		for _, name := range names {
 			c.Send("HMGET", s.keys.meta(name), "v", "f", "n")
-			c.Send("HLEN", s.keys.seriesRegistry(name))
 		}
 		replies, err := redis.Values(do(c, deadline, ""))
 		if err != nil {
 			return err
 		}
-		for n := range names {
-			m, err := parseMeta(names[n], replies[2*n])
+		for n, rep := range replies {
+			m, err := parseMeta(names[n], rep)
 			if err != nil {
-				return err
-			}
-			if m.series, err = redis.Int(replies[2*n+1], nil); err != nil {
 				return err
 			}
 			// Every sample ever stored is in the running total, and only
@@ -993,20 +989,20 @@ func (s *redisStore) types(ctx context.Context, now time.Time) ([]typeMeta, erro
 			}
 		}
 	}
-	// Only the series that still hold data, dropped by retention or not.
+	// The series that still hold data, dropped by retention or not: the
+	// registry less those past their anchor.
 	err = s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
 		for _, m := range out {
+			c.Send("HLEN", s.keys.seriesRegistry(m.name))
 			c.Send("ZCOUNT", s.keys.seriesUntil(m.name), "-inf", m.anchor(now.UnixMicro()))
 		}
 		if len(out) == 0 {
 			return nil
 		}
-		replies, err := redis.Values(do(c, deadline, ""))
+		counts, err := redis.Ints(do(c, deadline, ""))
 		for i := range out {
 			if err == nil {
-				var expired int
-				expired, err = redis.Int(replies[i], nil)
-				out[i].series -= expired
+				out[i].series = counts[2*i] - counts[2*i+1]
 			}
 		}
 		return err

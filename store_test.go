@@ -118,16 +118,10 @@ func checkAgainstBruteForce(t *testing.T, name string, got aggregateValues, raw 
 // 1,000 random whole-second windows against a recomputation from the raw
 // samples, and the two stores against each other, to the bit.
 func TestWindowsMatchBruteForce(t *testing.T) {
-	needRedis(t)
 	cfg := testConfig(t)
 	cfg.Retention = retention{} // everything kept: every window is answerable
 	clock := newFakeClock(testEpoch.Add(10 * 24 * time.Hour))
-	mem := newMemoryBackend(cfg, clock.now)
-	prefix := testPrefix()
-	redisA := newRedisBackend(testPool(t, cfg, prefix), prefix, cfg, clock.now)
-	poolB := newRedisPool(cfg, nil)
-	t.Cleanup(func() { poolB.Close() })
-	redisB := newRedisBackend(poolB, prefix, cfg, clock.now)
+	mem, redisA, redisB := comparedStores(t, cfg, clock)
 
 	rng := rand.New(rand.NewPCG(7, 8))
 	span := int64(3 * 86400)

@@ -72,7 +72,6 @@ local function labelKeysOf(tag, id)
   return out
 end
 
-
 -- Read phase.
 local types, k = {}, 3
 for i = 1, ntypes do
@@ -123,24 +122,25 @@ for i = 1, ntypes do
   -- A series that holds no data at the anchor takes no room, whether or
   -- not retention has dropped it yet; one the batch brings, new or back
   -- from having none, takes room and is refused past MAX_SERIES.
-  local room = maxSeries - (redis.call('HLEN', ty.registry) - redis.call('ZCOUNT', ty.untilKey, '-inf', int(ty.anchor)))
-  local checked = {}
+  -- The room left is counted only when a series takes some.
+  local room, checked = nil, {}
+  local function takeRoom(un)
+    room = room or maxSeries - (redis.call('HLEN', ty.registry) - redis.call('ZCOUNT', ty.untilKey, '-inf', int(ty.anchor)))
+    room = room - 1
+    if room < 0 then ty.overSeries = ty.overSeries or un.hash end
+  end
   for u = 2, nunits do
     local un, id = ty.units[u], known[u - 1]
     if id then
       if id ~= un.id then return redis.error_reply('COLLISION ' .. ty.name .. ' ' .. un.hash) end
       un.known = true
-      if scores[u - 1] and tonumber(scores[u - 1]) <= ty.anchor then
-        room = room - 1
-        if room < 0 then ty.overSeries = ty.overSeries or un.hash end
-      end
+      if scores[u - 1] and tonumber(scores[u - 1]) <= ty.anchor then takeRoom(un) end
     else
       -- A label's set is shared by its series: checked once.
       for _, key in ipairs(un.labelKeys) do
         if not checked[key] then redis.call('SCARD', key); checked[key] = true end
       end
-      room = room - 1
-      if room < 0 then ty.overSeries = ty.overSeries or un.hash end
+      takeRoom(un)
     end
   end
   -- A known unit's keys are there to read. The others' (a new type, a new
