@@ -4,6 +4,9 @@ WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY *.go ./
+# The embedded files: the Redis scripts and the dashboard.
+COPY lua ./lua
+COPY web ./web
 RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/analytics .
 
 # Final stage: a static binary on distroless, as a non-root user.

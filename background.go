@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"log/slog"
 	"sync"
 	"time"
 )
@@ -13,9 +14,13 @@ import (
 // startUpkeep starts b's background work and returns the function that
 // stops it and waits until it has stopped. It stops by itself, too, when
 // ctx is done.
-func startUpkeep(ctx context.Context, cfg config, b backend) (stop func()) {
+func startUpkeep(ctx context.Context, cfg config, b backend, log *slog.Logger) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
+	wg.Go(func() { b.hub.run(ctx.Done()) })
+	if b.listen != nil {
+		wg.Go(func() { b.listen(ctx, log) })
+	}
 	if b.sweep != nil {
 		wg.Go(func() { every(ctx, min(sweepEvery, limiterSweepEvery(cfg.RateWindow)), b.now, b.sweep) })
 	}

@@ -69,7 +69,7 @@ func TestUpkeepSweepsMemoryLimiter(t *testing.T) {
 		sweep(now)
 		once.Do(func() { close(swept) })
 	}
-	stop := startUpkeep(context.Background(), cfg, b)
+	stop := startUpkeep(context.Background(), cfg, b, discardLogger())
 	select {
 	case <-swept:
 	case <-time.After(10 * time.Second):

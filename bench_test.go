@@ -1,7 +1,10 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"cmp"
+	"encoding/json"
 	"fmt"
 	"io"
 	"math"
@@ -13,6 +16,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -99,17 +103,22 @@ request = function()
 end`},
 }
 
-func BenchmarkHTTP(b *testing.B) {
+// wrkSetup finds wrk (skipping without it), reads BENCH_SECONDS, builds
+// the service and starts the bare handler.
+func wrkSetup(b *testing.B) (wrk string, secs int, bin, bare string) {
 	wrk, err := exec.LookPath("wrk")
 	if err != nil {
 		b.Skip("wrk is not on PATH (Debian: apt-get install wrk)")
 	}
-	secs := 5
+	secs = 5
 	if s, err := strconv.Atoi(os.Getenv("BENCH_SECONDS")); err == nil && s > 0 {
 		secs = s
 	}
-	bin := buildService(b)
-	bare := startBare(b)
+	return wrk, secs, buildService(b), startBare(b)
+}
+
+func BenchmarkHTTP(b *testing.B) {
+	wrk, secs, bin, bare := wrkSetup(b)
 	for _, store := range []string{"memory", "redis"} {
 		for _, sc := range benchScenarios {
 			b.Run(store+"/"+sc.name, func(b *testing.B) {
@@ -640,5 +649,123 @@ func BenchmarkMemoryStoreLiveHeap(b *testing.B) {
 		runtime.ReadMemStats(&ms)
 		b.ReportMetric(float64(ms.HeapAlloc)/(1<<20), "live-MiB")
 		runtime.KeepAlive(bk)
+	}
+}
+
+// BenchmarkStreams measures what open event streams cost ingest, and how
+// soon an event follows its POST. Single-sample POSTs stamped now, over 16
+// types, go through the built binary with no stream open, then with 100
+// open (each reading every event, as a dashboard does), each measurement
+// against the bare handler just before it. While the 100 are open, a probe
+// POSTs a sample of a series of its own every 50 ms, and the time from its
+// 201 to its event is taken on every stream.
+//
+//	go test -run '^$' -bench Streams -benchtime=1x
+func BenchmarkStreams(b *testing.B) {
+	wrk, secs, bin, bare := wrkSetup(b)
+	script := writeScript(b, wrkTypes+`
+request = function()
+  n = n + 1
+  local body = '{"timestamp":"' .. os.date("!%Y-%m-%dT%H:%M:%SZ") .. '","value":' .. (n % 1000) .. ',"type":"' .. types[n % 16 + 1] .. '"}'
+  return wrk.format("POST", "/api/metrics", {["Content-Type"] = "application/json"}, body)
+end`)
+	for _, store := range []string{"memory", "redis"} {
+		b.Run(store, func(b *testing.B) {
+			env := map[string]string{"STORE": store, "RATE_LIMIT": "1000000000", "LOG_LEVEL": "info"}
+			if store == "redis" {
+				env["REDIS_URL"] = "redis://" + startRedis(b).addr + "/0"
+			}
+			svc := startService(b, bin, env)
+			bareAlone, _ := runWrk(b, wrk, bare+"/api/metrics", script, secs)
+			alone, _ := runWrk(b, wrk, svc.base+"/api/metrics", script, secs)
+
+			const n = 100
+			arrivals := make([]map[string]time.Time, n)
+			var wg sync.WaitGroup
+			var bodies []io.Closer
+			for i := range n {
+				res, err := http.Get(svc.base + "/api/metrics/stream")
+				if err != nil || res.StatusCode != 200 {
+					b.Fatalf("stream %d: %v", i, err)
+				}
+				bodies = append(bodies, res.Body)
+				arrivals[i] = map[string]time.Time{}
+				wg.Go(func() {
+					r := bufio.NewReaderSize(res.Body, 64<<10)
+					for {
+						line, err := r.ReadSlice('\n')
+						if err != nil {
+							return
+						}
+						if bytes.Contains(line, []byte(`"type":"probe"`)) {
+							var e metricEventBody
+							if json.Unmarshal(bytes.TrimPrefix(line, []byte("data: ")), &e) == nil {
+								arrivals[i][e.Labels["p"]] = time.Now()
+							}
+						}
+					}
+				})
+			}
+			acked := map[string]time.Time{}
+			stop := make(chan struct{})
+			probed := make(chan struct{})
+			go func() {
+				defer close(probed)
+				tick := time.NewTicker(50 * time.Millisecond)
+				defer tick.Stop()
+				for k := 0; ; k++ {
+					select {
+					case <-stop:
+						return
+					case <-tick.C:
+					}
+					id := strconv.Itoa(k)
+					body := fmt.Sprintf(`{"timestamp":%q,"value":1,"type":"probe","labels":{"p":%q}}`, time.Now().UTC().Format(time.RFC3339Nano), id)
+					res, err := http.Post(svc.base+"/api/metrics", "application/json", strings.NewReader(body))
+					if err == nil {
+						res.Body.Close()
+						if res.StatusCode == 201 {
+							acked[id] = time.Now()
+						}
+					}
+				}
+			}()
+			bareWith, _ := runWrk(b, wrk, bare+"/api/metrics", script, secs)
+			with, failed := runWrk(b, wrk, svc.base+"/api/metrics", script, secs)
+			close(stop)
+			<-probed
+			time.Sleep(time.Second) // the last probes' events still on their way
+			for _, c := range bodies {
+				c.Close()
+			}
+			wg.Wait()
+
+			var lat []float64
+			lost := 0
+			for _, a := range arrivals {
+				for id, at := range acked {
+					if t, ok := a[id]; ok {
+						lat = append(lat, max(0, t.Sub(at).Seconds()*1000))
+					} else {
+						lost++
+					}
+				}
+			}
+			slices.Sort(lat)
+			pct := func(p float64) float64 {
+				if len(lat) == 0 {
+					return math.NaN()
+				}
+				return lat[min(len(lat)-1, int(p*float64(len(lat))))]
+			}
+			b.ReportMetric(alone/bareAlone, "ratio-no-streams")
+			b.ReportMetric(with/bareWith, "ratio-100-streams")
+			b.ReportMetric((with/bareWith)/(alone/bareAlone), "kept")
+			b.ReportMetric(failed, "failed-share")
+			b.ReportMetric(pct(0.5), "event-p50-ms")
+			b.ReportMetric(pct(0.99), "event-p99-ms")
+			b.ReportMetric(float64(len(acked)), "probes")
+			b.ReportMetric(float64(lost), "events-lost")
+		})
 	}
 }

@@ -52,6 +52,9 @@ type config struct {
 	MaxFuture    time.Duration
 	Retention    retention
 
+	MaxStreams  int
+	CORSOrigins []string // "*" for any
+
 	RedisPrefix string
 
 	LogLevel slog.Level
@@ -91,6 +94,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		MaxSeries:    p.integer("MAX_SERIES", "1000", 1, 1_000_000),
 		MaxFuture:    p.durationOrZero("MAX_FUTURE", "1h"),
 		Retention:    p.retention(),
+
+		MaxStreams:  p.integer("MAX_STREAMS", "1000", 1, 1_000_000),
+		CORSOrigins: p.origins("CORS_ORIGINS"),
 
 		RedisPrefix: strings.TrimSpace(p.getenv("REDIS_PREFIX")),
 

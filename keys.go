@@ -46,6 +46,10 @@ import "strconv"
 //	{cache}:idx            sorted set: the cached answers by expiry
 //	rl:{client}:<window>   string: a rate-limit counter, expiring with its
 //	                       window
+//	stream                 channel: what each ingest added to 1 s buckets
+//	                       (stream.go, encodeUpdates), published by the
+//	                       ingest script, read by every instance's
+//	                       subscriber for its live streams
 type keys struct{ prefix string }
 
 func (k keys) types() string { return k.prefix + "types" }
@@ -100,6 +104,8 @@ func indexKey(unit string, r resolution) string {
 func (k keys) cacheEntry(typ, query string) string {
 	return k.prefix + "{cache}:e:" + typ + "|" + query
 }
+
+func (k keys) streamChannel() string { return k.prefix + "stream" }
 
 func (k keys) cacheIndex() string { return k.prefix + "{cache}:idx" }
 

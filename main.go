@@ -76,9 +76,12 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		MaxHeaderBytes: 64 << 10,
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	// Streams end when shutdown begins: Shutdown waits for handlers, and a
+	// stream's would not return by itself.
+	srv.RegisterOnShutdown(b.hub.shutdown)
 	// Deferred after closeBackend, so it runs first: the upkeep has
 	// stopped before the backend closes.
-	stopUpkeep := startUpkeep(ctx, cfg, b)
+	stopUpkeep := startUpkeep(ctx, cfg, b, log)
 	defer stopUpkeep()
 
 	log.Info("listening", "addr", ln.Addr().String(), "store", cfg.Store)
@@ -110,6 +113,13 @@ type backend struct {
 	limiter limiter
 	ping    func(context.Context) error
 	now     func() time.Time
+	// hub sends the live streams what ingests add. announce hands it an
+	// acknowledged ingest, in process; nil for Redis, whose ingest script
+	// publishes to every instance's subscriber, which listen runs (nil
+	// for memory).
+	hub      *hub
+	announce func([]typeBatch, time.Time)
+	listen   func(ctx context.Context, log *slog.Logger)
 	// sweep drops what has expired from the memory store, cache and
 	// limiter; run calls it in the background. Nil for Redis, whose keys
 	// expire by themselves.
@@ -140,7 +150,14 @@ func newMemoryBackend(cfg config, now func() time.Time) backend {
 	s := newMemoryStore(cfg.Retention, cfg.MaxTypes, cfg.MaxSeries)
 	c := newMemoryCacheStore(s.version, cfg.CacheTTL, cfg.CacheMaxEntries, now)
 	lim := newMemoryLimiter(cfg.RateLimit, cfg.RateWindow)
+	h := newHub(cfg.MaxStreams)
 	return backend{
+		hub: h,
+		announce: func(batches []typeBatch, t time.Time) {
+			if !h.idle() {
+				h.publish(updatesOf(batches, t.Unix(), cfg.Retention))
+			}
+		},
 		store:   s,
 		reader:  &reader{store: s, cache: newReadCache(c), horizon: cfg.Retention, now: now},
 		limiter: lim,
@@ -159,7 +176,14 @@ func newMemoryBackend(cfg config, now func() time.Time) backend {
 func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time.Time) backend {
 	k := keys{prefix: prefix}
 	s := newRedisStore(pool, k, cfg.Retention, cfg.MaxTypes, cfg.MaxSeries)
+	h := newHub(cfg.MaxStreams)
 	return backend{
+		hub: h,
+		listen: func(ctx context.Context, log *slog.Logger) {
+			sub := &subscriber{dial: pool.dialOwn, channel: k.streamChannel(), hub: h, tel: pool.tel, log: log,
+				timeout: pool.timeout, pingEvery: 5 * time.Second, retryFirst: 100 * time.Millisecond, retryMax: time.Second}
+			sub.run(ctx)
+		},
 		store:   s,
 		reader:  &reader{store: s, cache: newReadCache(newRedisCacheStore(pool, k, cfg.CacheTTL, cfg.CacheMaxEntries)), horizon: cfg.Retention, now: now},
 		limiter: newRedisLimiter(pool, prefix, cfg.RateLimit, cfg.RateWindow, cfg.LimiterTimeout),
@@ -186,17 +210,20 @@ func newHandler(log *slog.Logger, cfg config, tel *telemetry, b backend) http.Ha
 		mux.Handle(pattern, h)
 	}
 	handle("GET /health", handleHealth(log, b.ping))
-	handle("POST /api/metrics", rateLimited(log, cfg, tel, b.limiter, b.now, handleIngest(log, cfg, tel, b.store, b.now)))
+	handle("POST /api/metrics", rateLimited(log, cfg, tel, b.limiter, b.now, handleIngest(log, cfg, tel, b.store, b.announce, b.now)))
 	handle("GET /api/metrics/summary", handleSummary(log, b.reader))
 	handle("GET /api/metrics/series", handleSeries(log, b.reader))
 	handle("GET /api/metrics/types", handleTypes(log, b.reader))
 	handle("GET /api/metrics/labels", handleLabels(log, b.reader))
+	handle("GET /api/metrics/stream", handleStream(log, b.hub))
+	handle("GET /{$}", handleDashboard())
+	handle("GET /assets/{file}", handleDashboard())
 	handle("GET /external", handleExternal(log, brk, newExternalService(cfg), cfg.ExternalTimeout))
 	// GET patterns also match HEAD, and a HEAD must not call the service
 	// and move the breaker.
 	handle("HEAD /external", methodNotAllowed("GET"))
-	handle("GET /metrics", handleMetrics(tel, b.reader.cache, brk))
-	return instrument(log, tel, mux)
+	handle("GET /metrics", handleMetrics(tel, b.reader.cache, brk, b.hub))
+	return instrument(log, tel, mux, newCORSPolicy(cfg.CORSOrigins))
 }
 
 func handleHealth(log *slog.Logger, ping func(context.Context) error) http.Handler {

@@ -18,7 +18,9 @@ import (
 
 var storedOne = []byte(`{"message":"Metric stored successfully"}` + "\n")
 
-func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStore, now func() time.Time) http.Handler {
+// handleIngest stores samples, and once they are stored hands them to
+// announce for the live streams, when it is not nil.
+func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStore, announce func([]typeBatch, time.Time), now func() time.Time) http.Handler {
 	var bodies bodyBuffers
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		samples, batch, err := readSamples(w, r, cfg, &bodies)
@@ -26,12 +28,17 @@ func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStor
 		if err == nil {
 			err = checkFuture(samples, batch, t, cfg.MaxFuture, tel)
 		}
+		var batches []typeBatch
 		if err == nil {
-			err = store.add(r.Context(), aggregate(samples, cfg.Retention), t)
+			batches = aggregate(samples, cfg.Retention)
+			err = store.add(r.Context(), batches, t)
 		}
 		if err != nil {
 			writeFailure(w, r, log, ingestRefusal(err, samples, batch, cfg, tel))
 			return
+		}
+		if announce != nil {
+			announce(batches, t)
 		}
 		tel.ingested.Add(uint64(len(samples)))
 		if !batch {

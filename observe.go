@@ -18,7 +18,9 @@ import (
 // the request an id, turns a panic into a 500, answers the mux's own 404
 // and 405 as JSON, and writes one access log line and the request's
 // metrics, all labelled with the route pattern, never the raw path.
-func instrument(log *slog.Logger, tel *telemetry, mux *http.ServeMux) http.Handler {
+//
+// It also applies the CORS policy, which may answer a preflight itself.
+func instrument(log *slog.Logger, tel *telemetry, mux *http.ServeMux, cors *corsPolicy) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		h, route := mux.Handler(r)
@@ -59,7 +61,9 @@ func instrument(log *slog.Logger, tel *telemetry, mux *http.ServeMux) http.Handl
 				panic(http.ErrAbortHandler)
 			}
 		}()
-		h.ServeHTTP(rec, r)
+		if !cors.apply(rec, r) {
+			h.ServeHTTP(rec, r)
+		}
 	})
 }
 
@@ -105,6 +109,18 @@ func (r *recorder) Write(p []byte) (int, error) {
 	}
 	return r.ResponseWriter.Write(p)
 }
+
+// FlushError sends what is buffered, for streams; a handler that flushes
+// before writing answers 200, as net/http's own writer would.
+func (r *recorder) FlushError() error {
+	if r.code == 0 {
+		r.WriteHeader(http.StatusOK)
+	}
+	return http.NewResponseController(r.ResponseWriter).Flush()
+}
+
+// Flush is FlushError for callers that look for http.Flusher.
+func (r *recorder) Flush() { r.FlushError() }
 
 // Unwrap lets http.ResponseController reach the connection's writer.
 func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }

@@ -247,7 +247,7 @@ func TestPanicBecomes500(t *testing.T) {
 		tel.addRoute(pattern)
 		mux.Handle(pattern, h)
 	}
-	srv := httptest.NewUnstartedServer(instrument(log, tel, mux))
+	srv := httptest.NewUnstartedServer(instrument(log, tel, mux, nil))
 	srv.Config.ErrorLog = slog.NewLogLogger(slog.DiscardHandler, slog.LevelError)
 	srv.Start()
 	defer srv.Close()

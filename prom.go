@@ -28,7 +28,7 @@ type telemetry struct {
 }
 
 // storeOps are the store operations whose failures are counted.
-var storeOps = []string{"ingest", "read", "compact", "cache_get", "cache_put", "ratelimit", "ping"}
+var storeOps = []string{"ingest", "read", "compact", "cache_get", "cache_put", "ratelimit", "ping", "subscribe"}
 
 // refusalReasons are why samples are refused for a limit.
 var refusalReasons = []string{"max_types", "max_series", "retention", "future"}
@@ -106,7 +106,7 @@ var breakerStates = []state{stateClosed, stateOpen, stateHalfOpen}
 // handleMetrics writes the Prometheus text exposition format, version 0.0.4.
 // Families come in a fixed order and series in sorted order, so two
 // scrapes differ only in their numbers.
-func handleMetrics(t *telemetry, cache *readCache, brk *breaker) http.Handler {
+func handleMetrics(t *telemetry, cache *readCache, brk *breaker, h *hub) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 		bw := bufio.NewWriter(w)
@@ -146,6 +146,7 @@ func handleMetrics(t *telemetry, cache *readCache, brk *breaker) http.Handler {
 			{"summary_cache_misses_total", "Summaries and series computed from the store.", cache.misses.Load()},
 			{"ratelimit_rejected_total", "Requests refused with 429 by the rate limiter.", t.rateLimitRejected.Load()},
 			{"ratelimit_store_errors_total", "Rate limiter store failures, whether the request then failed open or closed.", t.rateLimitStoreErrs.Load()},
+			{"stream_dropped_total", "Event streams resynced or closed for falling too far behind.", h.dropped.Load()},
 		} {
 			p.family(c.name, "counter", c.help)
 			p.sample(c.name, c.v)
@@ -164,6 +165,9 @@ func handleMetrics(t *telemetry, cache *readCache, brk *breaker) http.Handler {
 				}
 			}
 		}
+
+		p.family("stream_clients", "gauge", "Event streams open on this instance.")
+		p.sample("stream_clients", uint64(h.open.Load()))
 
 		if t.redisConns != nil {
 			p.family("redis_connections_open", "gauge", "Connections open to Redis.")

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -26,6 +27,11 @@ type redisPool struct {
 	// checkIdleAfter is how long a connection may sit idle before it is
 	// checked with a PING when borrowed. Set before the pool is used.
 	checkIdleAfter time.Duration
+
+	// dialOwn opens a connection outside the pool, whose reads may wait
+	// up to readTimeout: for the stream's subscriber, which blocks on
+	// reads far longer than REDIS_TIMEOUT.
+	dialOwn func(ctx context.Context, readTimeout time.Duration) (redis.Conn, error)
 
 	// clockOffset is Redis's clock minus this host's, in microseconds,
 	// measured on every new connection. Deadlines sent to Redis (the
@@ -94,6 +100,9 @@ func newRedisPool(cfg config, tel *telemetry) *redisPool {
 	}
 	if cfg.RedisUsername != "" {
 		opts = append(opts, redis.DialUsername(cfg.RedisUsername))
+	}
+	p.dialOwn = func(ctx context.Context, readTimeout time.Duration) (redis.Conn, error) {
+		return redis.DialContext(ctx, "tcp", cfg.RedisAddr, append(slices.Clip(opts), redis.DialReadTimeout(readTimeout))...)
 	}
 	p.Pool = &redis.Pool{
 		MaxActive:   maxRedisConns,

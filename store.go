@@ -555,6 +555,7 @@ func (s *redisStore) ingestCall(batches []typeBatch, now time.Time) *ingestCall 
 			c.unit(b.typ, sb.id, sb.until, sb.deltas, recs)
 		}
 	}
+	c.args = append(c.args, s.keys.streamChannel(), encodeUpdates(updatesOf(batches, now.Unix(), s.horizon)))
 	return c
 }
 

@@ -22,7 +22,8 @@
 -- labels, bucket count nb, nidx bucket-name prefixes; then per
 -- bucket: index number (0: none), start, expiry (the anchor at which it
 -- goes; a huge number for never), and what the ingest adds to it as one
--- record.
+-- record. Last, the live stream's channel and the message to publish on it
+-- once everything is written.
 --
 -- A bucket is an 8-byte header (the size of its records at its last
 -- compaction and a compaction count, little-endian), then records, each as
@@ -418,4 +419,5 @@ for _, ty in ipairs(types) do
   end
   redis.call('HSET', ty.meta, unpack(meta))
 end
+redis.call('PUBLISH', ARGV[a], ARGV[a + 1])
 return 1
