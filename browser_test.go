@@ -132,13 +132,27 @@ func (wd *webDriver) waitJS(script string, d time.Duration, what string) {
 	}
 }
 
-func (wd *webDriver) click(css string) {
+// find is the element css selects, as the driver names it.
+func (wd *webDriver) find(css string) string {
 	wd.t.Helper()
 	var el map[string]string
 	wd.call("POST", "/element", map[string]string{"using": "css selector", "value": css}, &el)
-	for _, id := range el { // the key is the W3C element identifier
-		wd.call("POST", "/element/"+id+"/click", map[string]any{}, nil)
+	for _, id := range el { // the one key is the W3C element identifier
+		return id
 	}
+	wd.t.Fatalf("no element %s", css)
+	return ""
+}
+
+func (wd *webDriver) click(css string) {
+	wd.t.Helper()
+	wd.call("POST", "/element/"+wd.find(css)+"/click", map[string]any{}, nil)
+}
+
+// typeInto types text into the element, as keystrokes.
+func (wd *webDriver) typeInto(css, text string) {
+	wd.t.Helper()
+	wd.call("POST", "/element/"+wd.find(css)+"/value", map[string]string{"text": text}, nil)
 }
 
 // consoleErrors is what the page logged at level SEVERE.
@@ -183,10 +197,13 @@ func TestDashboardInBrowser(t *testing.T) {
 		batch = append(batch, hostSample(fmt.Sprintf("svc.%03d", i), "", now.Add(-time.Minute), float64(i)))
 	}
 	postSamples(t, base, batch)
-	cpuSamples := 0
+	cpuSamples, web2 := 0, 0
 	for _, s := range batch {
 		if s.typ == "cpu" {
 			cpuSamples++
+			if strings.Contains(s.series, "web-2") {
+				web2++
+			}
 		}
 	}
 
@@ -252,6 +269,16 @@ func TestDashboardInBrowser(t *testing.T) {
 	if n, _ := strconv.Atoi(after); n <= mustAtoi(fetches) {
 		t.Errorf("after the range switch: %s series reads, want more than %s", after, fetches)
 	}
+
+	// Grouped by host: a line per host, the same samples in all.
+	wd.click(`[data-type="cpu"] .group`)
+	wd.waitJS(`return !!document.querySelector('[data-type="cpu"] .group option[value="host"]')`, 2*time.Second, "the group-by choice offers host")
+	wd.click(`[data-type="cpu"] .group option[value="host"]`)
+	groups := cpu + `.querySelectorAll('path.group').length`
+	wd.waitJS(`return `+groups+` === 2 && `+cpu+`.dataset.total === "`+strconv.Itoa(cpuSamples+5)+`"`, 2*time.Second, "two host lines")
+	// Filtered to one host: its samples only.
+	wd.typeInto(`[data-type="cpu"] .filter`, "host:web-2\uE007") // Enter commits the field
+	wd.waitJS(`return `+groups+` === 1 && `+cpu+`.dataset.total === "`+strconv.Itoa(web2)+`"`, 2*time.Second, "the web-2 line alone")
 
 	// With the streams ended, the page says it is disconnected.
 	b.hub.shutdown()

@@ -293,3 +293,45 @@ func TestHealthcheckMode(t *testing.T) {
 		t.Error("healthcheck against a stopped server succeeded")
 	}
 }
+
+// TestInstrumentPassesFlush checks that a handler behind instrument can
+// flush, both as an http.Flusher and through http.ResponseController: the
+// first part of its answer reaches the client while it still waits.
+func TestInstrumentPassesFlush(t *testing.T) {
+	for _, via := range []string{"Flusher", "ResponseController"} {
+		t.Run(via, func(t *testing.T) {
+			tel := newTelemetry()
+			mux := http.NewServeMux()
+			release := make(chan struct{})
+			tel.addRoute("GET /slow")
+			mux.HandleFunc("GET /slow", func(w http.ResponseWriter, _ *http.Request) {
+				w.Write([]byte("first\n"))
+				if via == "Flusher" {
+					f, ok := w.(http.Flusher)
+					if !ok {
+						t.Error("the writer behind instrument is not an http.Flusher")
+						return
+					}
+					f.Flush()
+				} else if err := http.NewResponseController(w).Flush(); err != nil {
+					t.Errorf("ResponseController.Flush: %v", err)
+					return
+				}
+				<-release
+				w.Write([]byte("second\n"))
+			})
+			srv := httptest.NewServer(instrument(discardLogger(), tel, mux, nil))
+			defer srv.Close()
+			defer close(release)
+			res, err := http.Get(srv.URL + "/slow")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer res.Body.Close()
+			line, err := bufio.NewReader(res.Body).ReadString('\n')
+			if err != nil || line != "first\n" || res.StatusCode != 200 {
+				t.Errorf("before the handler ends: %d %q %v, want 200 and the flushed line", res.StatusCode, line, err)
+			}
+		})
+	}
+}
