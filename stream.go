@@ -525,6 +525,9 @@ func handleStream(log *slog.Logger, h *hub) http.Handler {
 		hd.Set("Cache-Control", "no-cache")
 		hd.Set("X-Accel-Buffering", "no") // nginx would buffer the stream
 		w.WriteHeader(http.StatusOK)
+		if r.Method == http.MethodHead {
+			return // the headers are the whole answer; a stream would hold the connection
+		}
 		// Each write gets its own deadline, so the server's WriteTimeout
 		// does not cut the stream, and a client that stops reading is
 		// dropped once its socket buffers fill.

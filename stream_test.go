@@ -331,6 +331,11 @@ func TestStreamFiltersTypes(t *testing.T) {
 	postSamples(t, base, mem)
 	s.collect(t, wantTotals(mem), time.Second)
 
+	head := send(t, "HEAD", base+"/api/metrics/stream", "", "")
+	if head.status != 200 || head.header.Get("Content-Type") != "text/event-stream" {
+		t.Errorf("HEAD of the stream = %d %s, want 200 text/event-stream, answered at once", head.status, head.header.Get("Content-Type"))
+	}
+	waitFor(t, func() bool { return b.hub.open.Load() == 1 }, "a HEAD holds no stream open")
 	r := get(t, base+"/api/metrics/stream?metric_type=cpu&metric_type=bad%20type")
 	if r.status != 422 || !strings.Contains(r.json(t)["detail"].(string), "metric_type") {
 		t.Errorf("a stream of an invalid type = %d %s, want 422 naming metric_type", r.status, r.body)
