@@ -279,6 +279,13 @@ func TestDashboardInBrowser(t *testing.T) {
 	// Filtered to one host: its samples only.
 	wd.typeInto(`[data-type="cpu"] .filter`, "host:web-2\uE007") // Enter commits the field
 	wd.waitJS(`return `+groups+` === 1 && `+cpu+`.dataset.total === "`+strconv.Itoa(web2)+`"`, 2*time.Second, "the web-2 line alone")
+	// Filtered to a host with no data yet, then a POST of it: the empty
+	// chart takes the event as a new group.
+	wd.call("POST", "/element/"+wd.find(`[data-type="cpu"] .filter`)+"/clear", map[string]any{}, nil)
+	wd.typeInto(`[data-type="cpu"] .filter`, "host:web-3\uE007")
+	wd.waitJS(`return `+groups+` === 0 && `+cpu+`.dataset.total === "0"`, 2*time.Second, "an empty chart for web-3")
+	postSamples(t, base, []sample{hostSample("cpu", "web-3", time.Now(), 7)})
+	wd.waitJS(`return `+groups+` === 1 && `+cpu+`.dataset.total === "1"`, 2*time.Second, "the web-3 sample drawn from its event")
 
 	// With the streams ended, the page says it is disconnected.
 	b.hub.shutdown()

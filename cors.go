@@ -28,8 +28,9 @@ func newCORSPolicy(origins []string) *corsPolicy {
 }
 
 // apply adds the CORS headers a request from an allowed origin gets, and
-// answers a preflight itself, which it reports. A nil policy does nothing.
-func (p *corsPolicy) apply(w http.ResponseWriter, r *http.Request) (answered bool) {
+// answers a preflight itself, which it reports, when routed tells that the
+// method it asks about has a route at the path. A nil policy does nothing.
+func (p *corsPolicy) apply(w http.ResponseWriter, r *http.Request, routed func(method string) bool) (answered bool) {
 	if p == nil {
 		return false
 	}
@@ -46,8 +47,9 @@ func (p *corsPolicy) apply(w http.ResponseWriter, r *http.Request) (answered boo
 	} else {
 		h.Set("Access-Control-Allow-Origin", origin)
 	}
-	h.Set("Access-Control-Expose-Headers", "Retry-After, X-Request-Id, X-Circuit-State")
-	if r.Method != http.MethodOptions || r.Header.Get("Access-Control-Request-Method") == "" {
+	h.Set("Access-Control-Expose-Headers", "Retry-After, X-Request-Id, X-Circuit-State, X-Ratelimit-Limit, X-Ratelimit-Remaining, X-Ratelimit-Reset")
+	method := r.Header.Get("Access-Control-Request-Method")
+	if r.Method != http.MethodOptions || method == "" || !routed(method) {
 		return false
 	}
 	h.Set("Access-Control-Allow-Methods", "GET, POST, DELETE")
@@ -70,7 +72,15 @@ func (p *envParser) origins(name string) []string {
 			p.fail(name, f, "must be a comma-separated list of origins such as https://app.example.com, or *")
 			continue
 		}
-		out = append(out, strings.ToLower(f))
+		// As a browser sends it: lower case, without the scheme's
+		// default port.
+		o := strings.ToLower(f)
+		if strings.HasPrefix(o, "https://") {
+			o = strings.TrimSuffix(o, ":443")
+		} else {
+			o = strings.TrimSuffix(o, ":80")
+		}
+		out = append(out, o)
 	}
 	return out
 }

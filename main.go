@@ -181,7 +181,8 @@ func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time
 		hub: h,
 		listen: func(ctx context.Context, log *slog.Logger) {
 			sub := &subscriber{dial: pool.dialOwn, channel: k.streamChannel(), hub: h, tel: pool.tel, log: log,
-				timeout: pool.timeout, pingEvery: 5 * time.Second, retryFirst: 100 * time.Millisecond, retryMax: time.Second}
+				timeout: pool.timeout, pingEvery: 5 * time.Second, pongWait: 10 * time.Second,
+				retryFirst: 100 * time.Millisecond, retryMax: time.Second}
 			sub.run(ctx)
 		},
 		store:   s,

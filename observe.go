@@ -61,7 +61,13 @@ func instrument(log *slog.Logger, tel *telemetry, mux *http.ServeMux, cors *cors
 				panic(http.ErrAbortHandler)
 			}
 		}()
-		if !cors.apply(rec, r) {
+		routed := func(method string) bool {
+			probe := *r
+			probe.Method = method
+			_, pattern := mux.Handler(&probe)
+			return pattern != ""
+		}
+		if !cors.apply(rec, r, routed) {
 			h.ServeHTTP(rec, r)
 		}
 	})

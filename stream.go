@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
@@ -40,15 +41,21 @@ type point struct {
 	stats
 }
 
-// update is what one ingest added to one series' 1 s buckets; with resync,
-// it says instead that the type changed more than an event can carry, so
-// its clients should read it again.
+// update is what one ingest added to one series' 1 s buckets; with a
+// resync reason, it says instead that the type changed in a way events do
+// not carry, so its clients should read it again.
 type update struct {
 	typ    string
 	series string  // the series id; unused with resync
 	points []point // by second
-	resync bool
+	resync string  // "" for points
 }
+
+// Why a type is resynced.
+const (
+	resyncLarge    = "large update" // more points than an event carries
+	resyncBackfill = "backfill"     // data older than the 1 s buckets keep
+)
 
 const (
 	// maxEventPoints is the most points one event carries; a series with
@@ -57,12 +64,16 @@ const (
 	// maxIngestPoints is the most points one ingest sends of one type,
 	// over all its series; a larger ingest resyncs the type.
 	maxIngestPoints = 1000
-	// maxFramePoints bounds what the hub merges between two frames;
-	// beyond it every stream is resynced.
-	maxFramePoints = 20_000
-	// maxPendingPoints bounds what one client holds unsent; beyond it the
-	// client is resynced and counted in stream_dropped_total.
-	maxPendingPoints = 20_000
+	// fullFramePoints is where the hub sends a frame without waiting for
+	// the rest of flushEvery; maxFramePoints bounds what it merges between
+	// two frames, beyond which (frames not keeping up) every stream is
+	// resynced.
+	fullFramePoints = 5_000
+	maxFramePoints  = 10_000
+	// maxPendingPoints bounds what one client holds unsent besides the
+	// frame it was handed last; beyond it the client is resynced and
+	// counted in stream_dropped_total.
+	maxPendingPoints = 5_000
 )
 
 // updatesOf is what an acknowledged ingest of batches sends: the 1 s
@@ -74,7 +85,7 @@ func updatesOf(batches []typeBatch, anchor int64, h retention) []update {
 	for _, b := range batches {
 		first, n := len(out), 0
 		if !h.keeps(res1s, floorDiv(b.first, 1_000_000), anchor) {
-			out = append(out, update{typ: b.typ, resync: true})
+			out = append(out, update{typ: b.typ, resync: resyncBackfill})
 			continue
 		}
 		for _, sb := range b.series {
@@ -87,7 +98,7 @@ func updatesOf(batches []typeBatch, anchor int64, h retention) []update {
 			}
 			n += len(pts)
 			if len(pts) > maxEventPoints || n > maxIngestPoints {
-				out = append(out[:first], update{typ: b.typ, resync: true})
+				out = append(out[:first], update{typ: b.typ, resync: resyncLarge})
 				break
 			}
 			out = append(out, update{typ: b.typ, series: sb.id, points: pts})
@@ -104,13 +115,13 @@ func updatesOf(batches []typeBatch, anchor int64, h retention) []update {
 // one of what it has not sent yet.
 type pending struct {
 	series map[string]map[string][]point // by type, then series id
-	resync map[string]bool
-	all    string // why every type must be read again; "" when not
+	resync map[string]string             // the types to read again, with why
+	all    string                        // why every type must be read again; "" when not
 	points int
 }
 
 func newPending() *pending {
-	return &pending{series: map[string]map[string][]point{}, resync: map[string]bool{}}
+	return &pending{series: map[string]map[string][]point{}, resync: map[string]string{}}
 }
 
 func (p *pending) empty() bool { return p.all == "" && len(p.resync) == 0 && len(p.series) == 0 }
@@ -118,15 +129,15 @@ func (p *pending) empty() bool { return p.all == "" && len(p.resync) == 0 && len
 // resyncAll drops everything for one resync of every type.
 func (p *pending) resyncAll(reason string) {
 	if p.all == "" {
-		*p = pending{series: map[string]map[string][]point{}, resync: map[string]bool{}, all: reason}
+		*p = pending{series: map[string]map[string][]point{}, resync: map[string]string{}, all: reason}
 	}
 }
 
-func (p *pending) resyncType(typ string) {
-	if p.all != "" {
+func (p *pending) resyncType(typ, reason string) {
+	if p.all != "" || p.resync[typ] != "" {
 		return
 	}
-	p.resync[typ] = true
+	p.resync[typ] = reason
 	for _, pts := range p.series[typ] {
 		p.points -= len(pts)
 	}
@@ -136,7 +147,7 @@ func (p *pending) resyncType(typ string) {
 // add merges pts into the series' points. Slices given or held are never
 // changed in place, so one frame's points can be merged into many clients.
 func (p *pending) add(typ, id string, pts []point, limit int) {
-	if p.all != "" || p.resync[typ] || len(pts) == 0 {
+	if p.all != "" || p.resync[typ] != "" || len(pts) == 0 {
 		return
 	}
 	byID := p.series[typ]
@@ -147,7 +158,7 @@ func (p *pending) add(typ, id string, pts []point, limit int) {
 	had := byID[id]
 	merged := mergePoints(had, pts)
 	if len(merged) > maxEventPoints {
-		p.resyncType(typ)
+		p.resyncType(typ, resyncLarge)
 		return
 	}
 	byID[id] = merged
@@ -189,9 +200,9 @@ func (p *pending) merge(o *pending, wanted map[string]bool, limit int) {
 		p.resyncAll(o.all)
 		return
 	}
-	for typ := range o.resync {
+	for typ, reason := range o.resync {
 		if wanted == nil || wanted[typ] {
-			p.resyncType(typ)
+			p.resyncType(typ, reason)
 		}
 	}
 	for typ, byID := range o.series {
@@ -240,7 +251,7 @@ func (p *pending) events() []event {
 	}
 	var out []event
 	for _, typ := range slices.Sorted(maps.Keys(p.resync)) {
-		out = append(out, event{typ, sse("resync", resyncEvent{Type: typ, Reason: "large update"})})
+		out = append(out, event{typ, sse("resync", resyncEvent{Type: typ, Reason: p.resync[typ]})})
 	}
 	for _, typ := range slices.Sorted(maps.Keys(p.series)) {
 		byID := p.series[typ]
@@ -251,7 +262,11 @@ func (p *pending) events() []event {
 				e.Labels[l.name] = l.value
 			}
 			for _, pt := range byID[id] {
-				e.Points = append(e.Points, eventPoint{formatTime(pt.sec), pt.count, finite(pt.sum), pt.min, pt.max})
+				sum := finite(pt.sum) // merged sums may overflow
+				if math.IsNaN(sum) {
+					sum = 0 // +Inf and -Inf merged: nothing JSON can say
+				}
+				e.Points = append(e.Points, eventPoint{formatTime(pt.sec), pt.count, sum, pt.min, pt.max})
 			}
 			out = append(out, event{typ, sse("metric", e)})
 		}
@@ -295,6 +310,7 @@ type hub struct {
 	open     atomic.Int64  // streams open, for stream_clients
 	dropped  atomic.Uint64 // streams resynced or closed for being slow
 	kick     chan struct{} // one slot: acc has something
+	full     chan struct{} // one slot: acc is large enough to send now
 	done     chan struct{} // closed at shutdown
 	shutOnce sync.Once
 }
@@ -310,6 +326,7 @@ func newHub(maxStreams int) *hub {
 		clients:      map[*streamClient]bool{},
 		acc:          newPending(),
 		kick:         make(chan struct{}, 1),
+		full:         make(chan struct{}, 1),
 		done:         make(chan struct{}),
 	}
 }
@@ -324,14 +341,21 @@ func (h *hub) publish(updates []update) {
 	}
 	h.mu.Lock()
 	for _, u := range updates {
-		if u.resync {
-			h.acc.resyncType(u.typ)
+		if u.resync != "" {
+			h.acc.resyncType(u.typ, u.resync)
 		} else {
 			h.acc.add(u.typ, u.series, u.points, maxFramePoints)
 		}
 	}
+	full := h.acc.points >= fullFramePoints
 	h.mu.Unlock()
 	h.signal()
+	if full {
+		select {
+		case h.full <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // resyncAll tells every stream to read everything again, as after a lost
@@ -360,13 +384,15 @@ func (h *hub) run(stop <-chan struct{}) {
 		case <-h.kick:
 		}
 		// What arrives within flushEvery of the first update goes into
-		// the same frame.
+		// the same frame, unless there is enough for a frame sooner.
 		t := time.NewTimer(h.flushEvery)
 		select {
 		case <-stop:
 			t.Stop()
 			return
 		case <-t.C:
+		case <-h.full:
+			t.Stop()
 		}
 		h.mu.Lock()
 		f := h.acc
@@ -401,10 +427,8 @@ var (
 func (h *hub) join(types map[string]bool) (*streamClient, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	select {
-	case <-h.done:
+	if h.closing() {
 		return nil, errShuttingDown
-	default:
 	}
 	if len(h.clients) >= h.max {
 		return nil, errTooManyStreams
@@ -426,6 +450,27 @@ func (h *hub) leave(c *streamClient) {
 // waits for them.
 func (h *hub) shutdown() { h.shutOnce.Do(func() { close(h.done) }) }
 
+func (h *hub) closing() bool {
+	select {
+	case <-h.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// drop counts a client closed or resynced for being slow, once however
+// often it is.
+func (h *hub) drop(c *streamClient) {
+	c.mu.Lock()
+	first := !c.dropped
+	c.dropped = true
+	c.mu.Unlock()
+	if first {
+		h.dropped.Add(1)
+	}
+}
+
 // streamClient is one open stream's unsent updates: a frame as the hub
 // handed it, while the client has taken nothing since, or its own merge of
 // several.
@@ -433,9 +478,10 @@ type streamClient struct {
 	types map[string]bool // nil: every type
 	wake  chan struct{}   // one slot: something to send
 
-	mu     sync.Mutex
-	shared *frame
-	own    *pending
+	mu      sync.Mutex
+	shared  *frame
+	own     *pending
+	dropped bool // counted in stream_dropped_total already
 }
 
 // hand gives the client a frame. It reports whether this made the client
@@ -455,7 +501,8 @@ func (c *streamClient) hand(f *frame) (dropped bool) {
 		c.own.merge(f.p, c.types, maxPendingPoints)
 		if !wasAll && c.own.all != "" && f.p.all == "" {
 			c.own.all = "slow client"
-			dropped = true
+			dropped = !c.dropped
+			c.dropped = true
 		}
 	}
 	c.mu.Unlock()
@@ -466,8 +513,9 @@ func (c *streamClient) hand(f *frame) (dropped bool) {
 	return dropped
 }
 
-// take is the text of what the client has to send, and clears it.
-func (c *streamClient) take() []byte {
+// take is the text of what the client has to send, and clears it. The
+// texts of a frame as handed are shared with other clients, not copied.
+func (c *streamClient) take() [][]byte {
 	c.mu.Lock()
 	shared, own := c.shared, c.own
 	c.shared, c.own = nil, nil
@@ -479,10 +527,10 @@ func (c *streamClient) take() []byte {
 	case shared != nil:
 		events = shared.events
 	}
-	var out []byte
+	var out [][]byte
 	for _, e := range events {
 		if e.typ == "" || c.types == nil || c.types[e.typ] {
-			out = append(out, e.text...)
+			out = append(out, e.text)
 		}
 	}
 	return out
@@ -530,9 +578,20 @@ func handleStream(log *slog.Logger, h *hub) http.Handler {
 		}
 		// Each write gets its own deadline, so the server's WriteTimeout
 		// does not cut the stream, and a client that stops reading is
-		// dropped once its socket buffers fill.
+		// dropped once its connection's buffers are full for that long.
+		// At shutdown the deadline becomes now, which also ends a write
+		// that is blocked on such a client; the lock orders the two, so
+		// a write that starts after shutdown does not set a later one.
+		var deadlines sync.Mutex
+		closing := false
 		write := func(b ...[]byte) error {
+			deadlines.Lock()
+			if closing {
+				deadlines.Unlock()
+				return errShuttingDown
+			}
 			rc.SetWriteDeadline(time.Now().Add(h.writeTimeout))
+			deadlines.Unlock()
 			for _, p := range b {
 				if _, err := w.Write(p); err != nil {
 					return err
@@ -540,6 +599,19 @@ func handleStream(log *slog.Logger, h *hub) http.Handler {
 			}
 			return rc.Flush()
 		}
+		ended := make(chan struct{})
+		defer close(ended)
+		go func() {
+			select {
+			case <-h.done:
+				deadlines.Lock()
+				closing = true
+				rc.SetWriteDeadline(time.Now())
+				deadlines.Unlock()
+			case <-ended:
+			}
+		}()
+
 		err = write(streamRetry, hello)
 		ping := time.NewTicker(h.pingEvery)
 		defer ping.Stop()
@@ -552,14 +624,14 @@ func handleStream(log *slog.Logger, h *hub) http.Handler {
 			case <-ping.C:
 				err = write(streamPing)
 			case <-c.wake:
-				if text := c.take(); len(text) > 0 {
-					err = write(text)
+				if texts := c.take(); len(texts) > 0 {
+					err = write(texts...)
 					ping.Reset(h.pingEvery)
 				}
 			}
 		}
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			h.dropped.Add(1) // closed for being slow
+		if errors.Is(err, os.ErrDeadlineExceeded) && !h.closing() {
+			h.drop(c) // closed for being slow
 		}
 	})
 }
@@ -585,13 +657,13 @@ func parseStreamTypes(q url.Values) (map[string]bool, error) {
 
 // encodeUpdates is updates as one message for the Redis channel: a line
 // per update, its fields separated by tabs, which neither type names nor
-// series ids hold. "R type" resyncs a type; "P type id point..." carries
-// points, each "second count sum min max", the floats exact.
+// series ids hold. "R type reason" resyncs a type; "P type id point..."
+// carries points, each "second count sum min max", the floats exact.
 func encodeUpdates(updates []update) []byte {
 	var b []byte
 	for _, u := range updates {
-		if u.resync {
-			b = append(append(append(b, "R\t"...), u.typ...), '\n')
+		if u.resync != "" {
+			b = append(append(append(append(append(b, "R\t"...), u.typ...), '\t'), u.resync...), '\n')
 			continue
 		}
 		b = append(append(append(append(append(b, "P\t"...), u.typ...), '\t'), u.series...), '\t')
@@ -612,46 +684,61 @@ func encodeUpdates(updates []update) []byte {
 	return b
 }
 
-// decodeUpdates reads what encodeUpdates wrote.
+// decodeUpdates reads what encodeUpdates wrote, and refuses anything else:
+// the channel is open to whoever can reach Redis, and what it carries goes
+// into events, whose JSON has no room for a NaN or an infinity.
 func decodeUpdates(msg []byte) ([]update, error) {
 	var out []update
 	for line := range bytes.Lines(msg) {
 		f := strings.Split(strings.TrimSuffix(string(line), "\n"), "\t")
+		bad := func(why string) error {
+			return fmt.Errorf("stream message: %s in line %q", why, truncate(string(line), 60))
+		}
+		if len(f) < 3 || validType(f[1]) != nil {
+			return nil, bad("no valid type")
+		}
 		switch {
-		case len(f) == 2 && f[0] == "R":
-			out = append(out, update{typ: f[1], resync: true})
-		case len(f) >= 4 && f[0] == "P":
+		case f[0] == "R" && len(f) == 3:
+			if f[2] != resyncLarge && f[2] != resyncBackfill {
+				return nil, bad("unknown resync reason")
+			}
+			out = append(out, update{typ: f[1], resync: f[2]})
+		case f[0] == "P" && len(f) >= 4 && len(f) <= 3+maxEventPoints:
+			if _, err := parseSeriesID(f[2]); err != nil {
+				return nil, bad("malformed series id")
+			}
 			u := update{typ: f[1], series: f[2], points: make([]point, 0, len(f)-3)}
 			for _, s := range f[3:] {
-				p, err := parsePoint(s)
-				if err != nil {
-					return nil, err
+				p, ok := parsePoint(s)
+				if !ok || len(u.points) > 0 && p.sec <= u.points[len(u.points)-1].sec {
+					return nil, bad("malformed point")
 				}
 				u.points = append(u.points, p)
 			}
 			out = append(out, u)
 		default:
-			return nil, fmt.Errorf("stream message: malformed line %q", truncate(string(line), 60))
+			return nil, bad("malformed")
 		}
 	}
 	return out, nil
 }
 
-func parsePoint(s string) (point, error) {
+// parsePoint reads "second count sum min max": a count of at least one,
+// finite values with min <= max, a second a timestamp can have.
+func parsePoint(s string) (point, bool) {
 	f := strings.Fields(s)
 	if len(f) != 5 {
-		return point{}, fmt.Errorf("stream message: malformed point %q", truncate(s, 60))
+		return point{}, false
 	}
 	var p point
-	var err error
 	var errs [5]error
 	p.sec, errs[0] = strconv.ParseInt(f[0], 10, 64)
 	p.count, errs[1] = strconv.ParseInt(f[1], 10, 64)
 	p.sum, errs[2] = strconv.ParseFloat(f[2], 64)
 	p.min, errs[3] = strconv.ParseFloat(f[3], 64)
 	p.max, errs[4] = strconv.ParseFloat(f[4], 64)
-	if err = errors.Join(errs[:]...); err != nil {
-		return point{}, fmt.Errorf("stream message: point %q: %w", truncate(s, 60), err)
-	}
-	return p, nil
+	finite := func(v float64) bool { return !math.IsNaN(v) && !math.IsInf(v, 0) }
+	ok := errors.Join(errs[:]...) == nil && p.count >= 1 && finite(p.sum) && finite(p.min) && finite(p.max) && p.min <= p.max &&
+		p.sec >= minTimestamp.Unix() && p.sec < maxTimestamp.Unix()
+	return p, ok
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -12,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -218,6 +220,14 @@ func wantTotals(samples []sample) totals {
 	return tt
 }
 
+func (tt totals) count() int64 {
+	n := int64(0)
+	for _, s := range tt {
+		n += s.count
+	}
+	return n
+}
+
 func (tt totals) String() string {
 	var out []string
 	for _, k := range slices.Sorted(func(yield func(string) bool) {
@@ -239,7 +249,10 @@ func (s *eventStream) collect(t testing.TB, want totals, d time.Duration) int {
 	got := totals{}
 	deadline := time.Now().Add(d)
 	n := 0
-	for got.String() != want.String() {
+	// Compared in full only when the counts add up: a wide batch is
+	// hundreds of events.
+	wantCount := want.count()
+	for got.count() != wantCount || got.String() != want.String() {
 		left := time.Until(deadline)
 		if left <= 0 {
 			t.Fatalf("after %s, events add up to\n%s\nwant\n%s", d, got, want)
@@ -349,6 +362,17 @@ func TestStreamAcrossInstances(t *testing.T) {
 	subscribers(t, e, 2)
 	onB := openStream(t, b+"/api/metrics/stream")
 	onA := openStream(t, a+"/api/metrics/stream")
+	// What others publish on the channel is ignored, whatever it holds.
+	c, err := redis.Dial("tcp", e.cfg.RedisAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for _, junk := range []string{"junk", "", "P\tg\t\t1764590000 1 NaN 1 1", "P\tg\t\t1764590000 1 1 Inf 1\n"} {
+		if _, err := c.Do("PUBLISH", keys{prefix: e.prefix}.streamChannel(), junk); err != nil {
+			t.Fatal(err)
+		}
+	}
 	batch := []sample{hostSample("cpu", "web-1", e.clock.now(), 42)}
 	postSamples(t, a, batch)
 	onB.collect(t, wantTotals(batch), time.Second)
@@ -404,62 +428,91 @@ func metricJSON(s sample) string {
 	return hostBody(s.typ, l[0].value, at, s.value)
 }
 
-// smallBuffers makes the server's sockets buffer little, so a client that
-// does not read blocks the server's writes soon.
+// smallBuffers makes the server's socket of the first connection buffer
+// little, so that a client that connects first and does not read blocks
+// the server's writes soon. Other connections keep the usual buffers:
+// small ones would slow a client that reads.
 func smallBuffers(srv *httptest.Server) {
-	srv.Listener = smallBufferListener{srv.Listener}
+	srv.Listener = &smallBufferListener{Listener: srv.Listener}
 }
 
-type smallBufferListener struct{ net.Listener }
+type smallBufferListener struct {
+	net.Listener
+	once sync.Once
+}
 
-func (l smallBufferListener) Accept() (net.Conn, error) {
+func (l *smallBufferListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if tc, ok := c.(*net.TCPConn); ok {
-		tc.SetWriteBuffer(4096)
+		l.once.Do(func() { tc.SetWriteBuffer(4096) })
 	}
 	return c, err
 }
 
 func TestStreamStalledClient(t *testing.T) {
 	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
-		e.b.hub.writeTimeout = 300 * time.Millisecond
+		e.b.hub.writeTimeout = 4 * time.Second
 		base := liveServe(t, e, e.b, smallBuffers)
-		// A client that asks for the stream and never reads a byte, with
-		// a receive buffer as small as the kernel allows.
-		raw, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer raw.Close()
-		raw.(*net.TCPConn).SetReadBuffer(1024)
-		fmt.Fprintf(raw, "GET /api/metrics/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+		stalled(t, base)
 		reader := openStream(t, base+"/api/metrics/stream")
 		waitFor(t, func() bool { return e.b.hub.open.Load() == 2 }, "both streams open")
 
-		// Wide ingests, each an event per series, until the stalled
-		// client's stream is dropped; every one is still sent at once to
-		// the client that reads, and no POST waits for the stalled one.
-		now := e.clock.now()
-		for round := 0; e.b.hub.dropped.Load() == 0 || e.b.hub.open.Load() > 1; round++ {
-			if round == 200 {
-				t.Fatalf("after 200 ingests the stalled stream is still open (dropped %d, open %d)", e.b.hub.dropped.Load(), e.b.hub.open.Load())
+		// Wide ingests, each an event per series, while the stalled
+		// client's write is blocked: what it has not been sent piles up
+		// past the bound and it is resynced; then its write times out
+		// and it is closed. Every ingest still reaches the client that
+		// reads at once, and no POST waits for the stalled one.
+		resynced := false
+		for round := 0; e.b.hub.open.Load() > 1; round++ {
+			if round == 300 {
+				t.Fatalf("after 300 ingests the stalled stream is still open (dropped %d)", e.b.hub.dropped.Load())
 			}
-			var batch []sample
-			for h := range 50 {
-				batch = append(batch, hostSample("wide", fmt.Sprintf("host-%03d-%s", h, strings.Repeat("x", 60)), now, float64(round)))
-			}
+			resynced = resynced || e.b.hub.dropped.Load() == 1 && e.b.hub.open.Load() == 2
 			start := time.Now()
+			batch := wideBatch(e.clock.now(), round)
 			postSamples(t, base, batch)
 			if d := time.Since(start); d > time.Second {
 				t.Errorf("round %d: POST took %s", round, d)
 			}
 			reader.collect(t, wantTotals(batch), time.Second)
 		}
+		if !resynced {
+			t.Error("the stalled client was closed without being resynced first")
+		}
 		m := get(t, base+"/metrics").body
-		if !strings.Contains(m, "\nstream_clients 1\n") || strings.Contains(m, "\nstream_dropped_total 0\n") {
+		// Resynced, then closed: one client dropped, counted once.
+		if !strings.Contains(m, "\nstream_clients 1\n") || !strings.Contains(m, "\nstream_dropped_total 1\n") {
 			t.Errorf("/metrics after the stalled stream was dropped:\n%s", grepLines(m, "stream_"))
 		}
 	})
+}
+
+// stalled opens a stream that never reads a byte, with a receive buffer
+// as small as the kernel allows.
+func stalled(t testing.TB, base string) {
+	t.Helper()
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1024) })
+	}}
+	raw, err := d.Dial("tcp", strings.TrimPrefix(base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { raw.Close() })
+	fmt.Fprintf(raw, "GET /api/metrics/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+}
+
+// wideBatch is one sample of each of 500 series with long labels, an
+// event apiece, about 100 KB of them, in a second of the round's own (for
+// 50 rounds), so what a client has not been sent grows by 500 points a
+// round rather than merging into the same ones.
+func wideBatch(now time.Time, round int) []sample {
+	var batch []sample
+	at := now.Add(-time.Duration(round%50) * time.Second)
+	for h := range 500 {
+		batch = append(batch, hostSample("wide", fmt.Sprintf("host-%03d-%s", h, strings.Repeat("x", 60)), at, float64(round)))
+	}
+	return batch
 }
 
 // waitFor polls cond until it holds, failing after 5 s.
@@ -506,7 +559,7 @@ func TestStreamPendingIsBounded(t *testing.T) {
 	if h.dropped.Load() != 1 {
 		t.Errorf("dropped = %d, want 1", h.dropped.Load())
 	}
-	if text := string(c.take()); text != "event: resync\ndata: {\"reason\":\"slow client\"}\n\n" {
+	if text := string(bytes.Join(c.take(), nil)); text != "event: resync\ndata: {\"reason\":\"slow client\"}\n\n" {
 		t.Errorf("the slow client is sent %q, want one resync of everything", text)
 	}
 	if text := c.take(); len(text) != 0 {
@@ -596,6 +649,41 @@ func TestStreamShutdown(t *testing.T) {
 	}
 }
 
+// TestStreamShutdownWithStalledClient: a stream whose client stopped
+// reading, its write blocked on full buffers, does not hold up shutdown.
+func TestStreamShutdownWithStalledClient(t *testing.T) {
+	cfg := testConfig(t)
+	e := storeEnv{name: "memory", cfg: cfg, clock: newFakeClock(storeEpoch)}
+	b := newMemoryBackend(cfg, e.clock.now)
+	var srv *httptest.Server
+	base := liveServe(t, e, b, func(s *httptest.Server) {
+		smallBuffers(s)
+		srv = s
+	})
+	stalled(t, base)
+	waitFor(t, func() bool { return b.hub.open.Load() == 1 }, "the stream is open")
+	// Until the stream is resynced for being slow, which shows its write
+	// is blocked.
+	for round := 0; b.hub.dropped.Load() == 0; round++ {
+		if round == 100 {
+			t.Fatal("after 100 ingests the stalled stream was not resynced")
+		}
+		postSamples(t, base, wideBatch(e.clock.now(), round))
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.Config.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("shutdown with a stalled stream took %s, want under 1s", d)
+	}
+	if n := b.hub.dropped.Load(); n != 1 {
+		t.Errorf("stream_dropped_total = %d after shutdown, want 1: closing at shutdown is not being slow", n)
+	}
+}
+
 func TestMaxStreams(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.MaxStreams = 2
@@ -633,8 +721,8 @@ func TestStreamResyncAfterRedisRestart(t *testing.T) {
 
 func TestUpdatesWireForm(t *testing.T) {
 	in := []update{
-		{typ: "cpu", series: `host="a b",path="/x\"y\\"`, points: []point{{1, stats{2, math.Inf(1), -1e-300, math.MaxFloat64}}, {5, stats{1, 0.1, 0.1, 0.1}}}},
-		{typ: "mem", resync: true},
+		{typ: "cpu", series: `host="a b",path="/x\"y\\"`, points: []point{{1, stats{2, 1e308, -1e-300, math.MaxFloat64}}, {5, stats{1, 0.1, 0.1, 0.1}}}},
+		{typ: "mem", resync: resyncBackfill},
 		{typ: "disk", series: "", points: []point{{-7, stats{1, -3, -3, -3}}}},
 	}
 	out, err := decodeUpdates(encodeUpdates(in))
@@ -644,7 +732,13 @@ func TestUpdatesWireForm(t *testing.T) {
 	if fmt.Sprint(out) != fmt.Sprint(in) {
 		t.Errorf("decode(encode(x)) = %v, want %v", out, in)
 	}
-	for _, bad := range []string{"X\tcpu\n", "P\tcpu\t\t1 2 3\n", "P\tcpu\t\t1 2 3 4 x\n"} {
+	// What is not the service's own form is refused, values JSON cannot
+	// carry above all: the channel is open to anyone with Redis.
+	for _, bad := range []string{"X\tcpu\n", "P\tcpu\t\t1 2 3\n", "P\tcpu\t\t1 2 3 4 x\n",
+		"P\tg\t\t1764590000 1 1 Inf 1", "P\tg\t\t1764590000 1 1 -Inf 1", "P\tg\t\t1764590000 1 NaN 1 1", "P\tg\t\t1764590000 1 +Inf 1 1",
+		"P\tg\t\t1764590000 0 1 1 1", "P\tg\t\t1764590000 1 1 2 1", "P\tg\t\t99999999999999 1 1 1 1",
+		"P\tg\t\t5 1 1 1 1\t5 1 1 1 1", "P\tbad type\t\t5 1 1 1 1", "P\tg\thost=x\t5 1 1 1 1",
+		"R\tcpu\n", "R\tcpu\twhatever\n", "R\t\tlarge update"} {
 		if _, err := decodeUpdates([]byte(bad)); err == nil {
 			t.Errorf("decode(%q) accepted", bad)
 		}
@@ -690,6 +784,24 @@ func TestCORS(t *testing.T) {
 			strings.Contains(strings.ToLower(res.Header.Get("Access-Control-Allow-Headers")), "content-type")
 		if preflight != (tc.allow != "") {
 			t.Errorf("CORS_ORIGINS=%q, preflight from %s = %d %v, want answered: %v", tc.origins, tc.origin, res.StatusCode, res.Header, tc.allow != "")
+		}
+	}
+	// A preflight for a path without that route is not answered; an
+	// origin given with its scheme's default port matches as browsers
+	// send it, without.
+	cfg, _ := loadConfig(func(k string) string { return map[string]string{"CORS_ORIGINS": "https://a.example:443"}[k] })
+	base := serve(t, cfg, newMemoryBackend(cfg, time.Now))
+	for path, want := range map[string]int{"/nope": 404, "/api/metrics": 204} {
+		req, _ := http.NewRequest("OPTIONS", base+path, nil)
+		req.Header.Set("Origin", "https://a.example")
+		req.Header.Set("Access-Control-Request-Method", "POST")
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != want {
+			t.Errorf("preflight of POST %s = %d, want %d", path, res.StatusCode, want)
 		}
 	}
 	if _, err := loadConfig(func(k string) string { return map[string]string{"CORS_ORIGINS": "app.example.com"}[k] }); err == nil ||

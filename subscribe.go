@@ -24,10 +24,13 @@ type subscriber struct {
 	tel     *telemetry
 	log     *slog.Logger
 
-	// timeout bounds a dial and a PING's answer; pingEvery is how often
-	// the connection is checked, so a Redis that vanished without closing
-	// it is noticed within pingEvery+timeout.
-	timeout, pingEvery time.Duration
+	// timeout bounds a dial; pingEvery is how often the connection is
+	// checked, and a read that waits pingEvery+pongWait for anything
+	// fails it, so a Redis that vanished without closing the connection
+	// is noticed. pongWait is long because Redis answers the PING only
+	// after the script it is running, and a large ingest's takes most of
+	// a second.
+	timeout, pingEvery, pongWait time.Duration
 	// retryFirst is the wait after the first failure, doubled after each
 	// further one up to retryMax.
 	retryFirst, retryMax time.Duration
@@ -68,7 +71,7 @@ func (s *subscriber) run(ctx context.Context) {
 // subscription holds.
 func (s *subscriber) listen(ctx context.Context, subscribed func()) error {
 	dialCtx, cancel := context.WithTimeout(ctx, s.timeout)
-	c, err := s.dial(dialCtx, s.pingEvery+s.timeout)
+	c, err := s.dial(dialCtx, s.pingEvery+s.pongWait)
 	cancel()
 	if err != nil {
 		return err

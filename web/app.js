@@ -38,9 +38,10 @@ function fmtTime(t, span) {
     : d.toLocaleTimeString([], {hour: '2-digit', minute: '2-digit', second: span <= 3600 ? '2-digit' : undefined});
 }
 
-// parseFilter reads "host:web-1 region:eu" (spaces or commas between).
+// parseFilter reads "host:web-1 region:eu": pairs separated by spaces or
+// commas, each before a name and a colon, so a value may hold either.
 function parseFilter(text) {
-  return text.split(/[\s,]+/).filter(Boolean).map(pair => {
+  return text.trim().split(/[\s,]+(?=[A-Za-z_][A-Za-z0-9_]*:)/).filter(Boolean).map(pair => {
     const i = pair.indexOf(':');
     return i > 0 ? [pair.slice(0, i), pair.slice(i + 1)] : [pair, ''];
   });
@@ -65,9 +66,12 @@ class Chart {
     this.stale = true; // what is drawn is not the current range, filter or data
     this.series = null; // [{key, labels, points}] once loaded
     this.refresh = null; // the timer of the percentile refresh
+    this.skew = 0; // the server's clock less this one's, in seconds
+    this.colors = new Map(); // group key -> colour, kept while grouped
     this.filter.addEventListener('change', () => this.load());
-    this.group.addEventListener('change', () => this.load());
-    this.group.addEventListener('focus', () => this.loadLabels(), {once: true});
+    this.group.addEventListener('change', () => { this.colors.clear(); this.load(); });
+    // Labels are read when the choice is opened, so new ones show up.
+    this.group.addEventListener('focus', () => this.loadLabels());
   }
 
   query() {
@@ -97,7 +101,12 @@ class Chart {
     const seq = this.seq = (this.seq || 0) + 1;
     this.svg.dataset.fetches = String(Number(this.svg.dataset.fetches) + 1);
     try {
-      const body = await api('api/metrics/series?' + this.query());
+      const sent = Date.now();
+      const res = await fetch('api/metrics/series?' + this.query(), {headers: {Accept: 'application/json'}});
+      const body = await res.json().catch(() => ({}));
+      if (!res.ok) throw new Error(body.detail || res.statusText);
+      const date = Date.parse(res.headers.get('Date'));
+      if (date) this.skew = (date - (sent + Date.now()) / 2) / 1000;
       if (seq !== this.seq) return; // a newer load is on its way
       this.step = RANGES[state.range][1];
       this.from = seconds(body.from);
@@ -109,6 +118,7 @@ class Chart {
         points: g.points.map(p => ({...p, t: seconds(p.time)})),
       }));
       this.error.hidden = true;
+      this.advance();
       this.draw();
     } catch (err) {
       this.error.textContent = err.message;
@@ -128,7 +138,9 @@ class Chart {
     const key = by ? (ev.labels[by] ?? '') : '';
     let s = this.series.find(g => g.key === key);
     if (!s) {
-      s = {key, labels: by && key !== '' ? {[by]: key} : {}, points: this.series[0] ? this.series[0].points.map(p => emptyPoint(p.t)) : []};
+      const points = [];
+      for (let t = this.from; t < this.to; t += this.step) points.push(emptyPoint(t));
+      s = {key, labels: by && key !== '' ? {[by]: key} : {}, points};
       this.series.push(s);
       this.series.sort((a, b) => (a.key === '' ? -1 : b.key === '' ? 1 : a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
     }
@@ -149,6 +161,18 @@ class Chart {
     if (!this.refresh) this.refresh = setTimeout(() => this.load(), PERCENTILE_REFRESH_MS);
   }
 
+  // advance slides the range to the server's present, so a quiet chart
+  // moves along too; it reports whether it moved.
+  advance() {
+    const now = Date.now() / 1000 + this.skew;
+    let moved = false;
+    while (this.series && now >= this.to) {
+      this.slide();
+      moved = true;
+    }
+    return moved;
+  }
+
   slide() {
     for (const s of this.series) {
       s.points.shift();
@@ -166,8 +190,12 @@ class Chart {
     for (const s of this.series) s.points.forEach((p, i) => { counts[i] += p.count; });
     const maxCount = Math.max(1, ...counts);
     const grouped = Boolean(this.group.value);
+    const colorOf = key => {
+      if (!this.colors.has(key)) this.colors.set(key, GROUP_COLORS[this.colors.size % GROUP_COLORS.length]);
+      return this.colors.get(key);
+    };
     const lines = grouped
-      ? this.series.map((s, i) => ({cls: 'group', color: GROUP_COLORS[i % GROUP_COLORS.length], field: 'average', s}))
+      ? this.series.map(s => ({cls: 'group', color: colorOf(s.key), field: 'average', s}))
       : ['average', 'p50', 'p99'].map((field, i) => ({cls: field, color: ['#0550ae', '#1a7f37', '#bc4c00'][i], field, s: this.series[0]}));
     let lo = Infinity, hi = -Infinity;
     for (const l of lines) {
@@ -246,14 +274,25 @@ let typesTimer = null;
 async function loadTypes() {
   typesTimer = null;
   let types;
+  const problem = $('#problem');
   try {
     ({types} = await api('api/metrics/types'));
   } catch (err) {
-    setStatus('disconnected', 'Cannot list types: ' + err.message);
+    problem.textContent = 'Cannot list the types: ' + err.message;
+    problem.hidden = false;
     return;
   }
+  problem.hidden = true;
   const list = $('#types');
   const names = types.map(t => t.type);
+  const kept = new Set(names);
+  for (const [name, c] of state.charts) {
+    if (kept.has(name)) continue; // a type with no data left goes
+    observer.unobserve(c.el);
+    c.el.remove();
+    clearTimeout(c.refresh);
+    state.charts.delete(name);
+  }
   for (const name of names) {
     if (state.charts.has(name)) continue;
     const c = new Chart(name);
@@ -340,6 +379,14 @@ $('#controls').addEventListener('change', e => {
 });
 $('#controls').addEventListener('submit', e => e.preventDefault());
 $('#search').addEventListener('input', applySearch);
+
+// Once a second, quiet charts move along with the clock; once a minute
+// the list of types is read again, for types that appeared or aged out
+// without an event saying so.
+setInterval(() => {
+  for (const c of state.charts.values()) if (c.visible && c.advance()) c.draw();
+}, 1000);
+setInterval(loadTypes, 60000);
 
 connect();
 loadTypes();
