@@ -769,3 +769,38 @@ end`)
 		})
 	}
 }
+
+// BenchmarkAnnounce is what the live stream adds to one single-sample
+// ingest in process, with 100 streams open: the update made from the
+// ingest and handed to the hub, and the hub's frames made and handed to
+// every stream (which take them, as their writers would).
+func BenchmarkAnnounce(b *testing.B) {
+	h := newHub(1000)
+	stop := make(chan struct{})
+	defer close(stop)
+	go h.run(stop)
+	for range 100 {
+		c, _ := h.join(nil)
+		go func() {
+			for {
+				select {
+				case <-stop:
+					return
+				case <-c.wake:
+					c.take()
+				}
+			}
+		}()
+	}
+	now := time.Now()
+	h0 := testConfig(b).Retention
+	batches := make([][]typeBatch, 16)
+	for i := range batches {
+		batches[i] = aggregate([]sample{{typ: fmt.Sprintf("type%d", i), at: now.UnixMicro(), value: 1}}, h0)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := range b.N {
+		h.publish(updatesOf(batches[i%16], now.Unix(), h0))
+	}
+}
