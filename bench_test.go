@@ -119,11 +119,16 @@ func wrkSetup(b *testing.B) (wrk string, secs int, bin, bare string) {
 
 func BenchmarkHTTP(b *testing.B) {
 	wrk, secs, bin, bare := wrkSetup(b)
-	for _, store := range []string{"memory", "redis"} {
+	// redis-pool is Redis with REDIS_PIPELINE=false: every command on a
+	// pooled connection of its own, for comparison in the same run.
+	for _, store := range []string{"memory", "redis", "redis-pool"} {
 		for _, sc := range benchScenarios {
 			b.Run(store+"/"+sc.name, func(b *testing.B) {
 				env := map[string]string{"STORE": store, "RATE_LIMIT": "1000000000", "LOG_LEVEL": "info"}
-				if store == "redis" {
+				if store == "redis-pool" {
+					env["STORE"], env["REDIS_PIPELINE"] = "redis", "false"
+				}
+				if env["STORE"] == "redis" {
 					// The service writes without a key prefix, so it gets a
 					// redis-server of its own, fresh for each scenario,
 					// rather than the tests' shared one or REDIS_URL.

@@ -24,6 +24,7 @@ type config struct {
 	RedisPassword string
 	RedisUsername string
 	RedisTimeout  time.Duration
+	RedisPipeline bool // the request path's commands share connections (pipeline.go)
 
 	RateLimit           int
 	RateWindow          time.Duration
@@ -69,7 +70,8 @@ func loadConfig(getenv func(string) string) (config, error) {
 		Addr:  p.str("ADDR", ":8000"),
 		Store: p.oneOf("STORE", "memory", "memory", "redis"),
 
-		RedisTimeout: p.duration("REDIS_TIMEOUT", "500ms"),
+		RedisTimeout:  p.duration("REDIS_TIMEOUT", "500ms"),
+		RedisPipeline: p.boolean("REDIS_PIPELINE", "true"),
 
 		RateLimit:           p.integer("RATE_LIMIT", "5", 1, math.MaxInt32),
 		RateWindow:          p.duration("RATE_WINDOW", "60"),

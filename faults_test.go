@@ -396,15 +396,17 @@ func TestRedisSlow(t *testing.T) {
 		if r.err != nil || r.status != 503 {
 			t.Fatalf("with 2s of Redis latency: status %d, err %v; want 503", r.status, r.err)
 		}
-		if r.elapsed > 2*time.Second {
-			t.Errorf("a request took %v with Redis slow, want under 2s", r.elapsed)
+		// A POST waits for the limiter (REDIS_TIMEOUT at most), then for
+		// its ingest (REDIS_TIMEOUT and the grace a started script gets).
+		if limit := 2*cfg.RedisTimeout + ingestGrace + 100*time.Millisecond; r.elapsed > limit {
+			t.Errorf("a request took %v with Redis slow, want under %v", r.elapsed, limit)
 		}
 	}
 	if n := maxActive.Load(); n > maxRedisConns {
 		t.Errorf("pool counted %d connections, want at most %d", n, maxRedisConns)
 	}
-	if n := maxOpen.Load(); n > maxRedisConns {
-		t.Errorf("%d connections open at once, want at most %d", n, maxRedisConns)
+	if n := maxOpen.Load(); n > maxRedisConns+1 {
+		t.Errorf("%d connections open at once, want at most %d (the pool's and the pipeline's)", n, maxRedisConns+1)
 	}
 	t.Logf("%d requests, pool peak %d, open connections peak %d", len(results), maxActive.Load(), maxOpen.Load())
 

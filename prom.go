@@ -25,6 +25,11 @@ type telemetry struct {
 	refusals  map[string]*atomic.Uint64 // samples refused, by reason, one of refusalReasons
 
 	redisConns *atomic.Int64 // the Redis pool's open connections; nil without Redis
+
+	// The pipeline's flushes, per pipelineBatchBuckets (not cumulative,
+	// the last for more), and the commands they carried.
+	pipeBatches  [10]atomic.Uint64
+	pipeCommands atomic.Uint64
 }
 
 // storeOps are the store operations whose failures are counted.
@@ -173,6 +178,17 @@ func handleMetrics(t *telemetry, cache *readCache, brk *breaker, h *hub) http.Ha
 			p.family("redis_connections_open", "gauge", "Connections open to Redis.")
 			p.sample("redis_connections_open", uint64(max(0, t.redisConns.Load())))
 		}
+
+		p.family("redis_pipeline_batch_size", "histogram", "Commands per write of the Redis pipeline.")
+		var cum, flushes uint64
+		for i, le := range pipelineBatchBuckets {
+			cum += t.pipeBatches[i].Load()
+			p.sample("redis_pipeline_batch_size_bucket", cum, "le", strconv.FormatFloat(le, 'g', -1, 64))
+		}
+		flushes = cum + t.pipeBatches[len(pipelineBatchBuckets)].Load()
+		p.sample("redis_pipeline_batch_size_bucket", flushes, "le", "+Inf")
+		p.sample("redis_pipeline_batch_size_sum", t.pipeCommands.Load())
+		p.sample("redis_pipeline_batch_size_count", flushes)
 
 		p.family("ingest_refused_total", "counter", "Samples refused for a limit, by reason; a refused batch counts each of its samples.")
 		for _, r := range refusalReasons {

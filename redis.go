@@ -28,6 +28,12 @@ type redisPool struct {
 	// checked with a PING when borrowed. Set before the pool is used.
 	checkIdleAfter time.Duration
 
+	// pipe carries the request path's commands over shared connections
+	// (pipeline.go); nil with REDIS_PIPELINE=false, when every operation
+	// borrows a connection of the pool, as the stream's subscriber and
+	// anything else stateful always does.
+	pipe *pipeline
+
 	// dialOwn opens a connection outside the pool, whose reads may wait
 	// up to readTimeout: for the stream's subscriber, which blocks on
 	// reads far longer than REDIS_TIMEOUT.
@@ -104,6 +110,34 @@ func newRedisPool(cfg config, tel *telemetry) *redisPool {
 	p.dialOwn = func(ctx context.Context, readTimeout time.Duration) (redis.Conn, error) {
 		return redis.DialContext(ctx, "tcp", cfg.RedisAddr, append(slices.Clip(opts), redis.DialReadTimeout(readTimeout))...)
 	}
+	if cfg.RedisPipeline {
+		// redigo dials and says hello (AUTH, SELECT, CLIENT SETNAME), the
+		// clock is read on it, and the pipeline takes the bare connection.
+		p.pipe = &pipeline{tel: tel, stall: cfg.RedisTimeout + ingestGrace, dial: func(ctx context.Context) (net.Conn, error) {
+			var raw net.Conn
+			capture := redis.DialContextFunc(func(ctx context.Context, network, addr string) (net.Conn, error) {
+				c, err := dialer.DialContext(ctx, network, addr)
+				if err != nil {
+					return nil, err
+				}
+				p.open.Add(1)
+				raw = &countedConn{Conn: c, open: &p.open}
+				return raw, nil
+			})
+			c, err := redis.DialContext(ctx, "tcp", cfg.RedisAddr, append(slices.Clip(opts), capture)...)
+			if err == nil {
+				err = p.readClock(ctx, c)
+			}
+			if err != nil {
+				if c != nil {
+					c.Close()
+				}
+				return nil, err
+			}
+			raw.SetDeadline(time.Time{}) // redigo's, for the hello; the pipeline sets its own
+			return raw, nil
+		}}
+	}
 	p.Pool = &redis.Pool{
 		MaxActive:   maxRedisConns,
 		MaxIdle:     maxRedisConns,
@@ -161,10 +195,27 @@ func (p *redisPool) conn(ctx context.Context) (redis.Conn, time.Time, error) {
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
+	c, err := p.borrow(ctx, deadline)
+	return c, deadline, err
+}
+
+// borrow is a connection for one operation that must start by deadline:
+// the pipeline's, or one of the pool's.
+func (p *redisPool) borrow(ctx context.Context, deadline time.Time) (redis.Conn, error) {
+	if p.pipe != nil {
+		return &pipeOp{p: p.pipe, timeout: time.Until(deadline)}, nil
+	}
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
-	c, err := p.GetContext(ctx)
-	return c, deadline, err
+	return p.GetContext(ctx)
+}
+
+// Close closes the pipeline's connection and the pool.
+func (p *redisPool) Close() error {
+	if p.pipe != nil {
+		p.pipe.close()
+	}
+	return p.Pool.Close()
 }
 
 // do runs one command with a deadline. It uses the connection's own read

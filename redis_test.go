@@ -270,6 +270,11 @@ func TestRedisClockOffset(t *testing.T) {
 	// right, none is.
 	b := newRedisBackend(pool, testPrefix(), testConfig(t), time.Now)
 	one := sample{typ: "cpu", at: 1, value: 1}
+	// The ingest borrows a pooled connection: dialled now, so that its
+	// reading of the clock comes before the offset the test sets.
+	if err := storeAdd(b, one); err != nil {
+		t.Fatal(err)
+	}
 	pool.clockOffset.Store(-time.Hour.Microseconds())
 	if err := storeAdd(b, one); err == nil || !strings.Contains(err.Error(), "FENCED") {
 		t.Errorf("add with the offset wrong by an hour = %v, want FENCED", err)

@@ -596,6 +596,11 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 	keys, args := call.keys, call.args
 	start := time.Now()
 	fence := start.Add(s.pool.timeout / 2)
+	// The ingest keeps a pooled connection of its own, not the pipeline:
+	// its write must reach Redis whole within REDIS_TIMEOUT or not at all
+	// (the connection's write deadline), which with the fence keeps the
+	// largest batch's answer honest; on the pipeline a large write goes
+	// on after its caller has given up.
 	borrowCtx, cancel := context.WithDeadline(ctx, fence)
 	defer cancel()
 	c, err := s.pool.GetContext(borrowCtx)
