@@ -36,15 +36,19 @@ import (
 // and delivers none for stall is failed, failing what it owes, and the
 // next call dials a new one.
 type pipeline struct {
-	dial  func(ctx context.Context) (net.Conn, error)
-	stall time.Duration
-	tel   *telemetry // batch sizes; nil counts nothing
+	dial        func(ctx context.Context) (net.Conn, error)
+	dialTimeout time.Duration // a dial's own, whoever's call started it
+	stall       time.Duration
+	tel         *telemetry // batch sizes; nil counts nothing
 
 	mu      sync.Mutex
 	current *pipeConn // nil until dialled, and after it failed
 	dialing chan struct{}
 	dialErr error
+	closed  bool
 }
+
+var errPipelineClosed = errors.New("redis pipeline closed")
 
 // pipeQueue bounds the calls waiting to be written on one connection; a
 // caller finding it full waits, up to its deadline.
@@ -102,6 +106,15 @@ func (p *pipeline) do(deadline time.Time, cmds [][]any) ([]any, error) {
 	select {
 	case <-call.done:
 		return call.reply, call.err
+	case <-pc.failed:
+		// Its replies will not come, unless they just did.
+		select {
+		case <-call.done:
+			return call.reply, call.err
+		default:
+			call.abandoned.Store(true)
+			return nil, pc.err
+		}
 	case <-timer.C:
 		// Not sent, if the writer has not come to it; otherwise its
 		// replies are read and dropped when they come.
@@ -115,6 +128,10 @@ func (p *pipeline) do(deadline time.Time, cmds [][]any) ([]any, error) {
 func (p *pipeline) conn(deadline time.Time) (*pipeConn, error) {
 	for {
 		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			return nil, errPipelineClosed
+		}
 		if pc := p.current; pc != nil {
 			select {
 			case <-pc.failed:
@@ -126,7 +143,7 @@ func (p *pipeline) conn(deadline time.Time) (*pipeConn, error) {
 		}
 		if p.dialing == nil {
 			p.dialing = make(chan struct{})
-			go p.redial(deadline)
+			go p.redial()
 		}
 		wait := p.dialing
 		p.mu.Unlock()
@@ -150,12 +167,19 @@ func (p *pipeline) conn(deadline time.Time) (*pipeConn, error) {
 	}
 }
 
-func (p *pipeline) redial(deadline time.Time) {
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+// redial dials with a timeout of its own: the callers waiting for it each
+// wait up to their own deadline, and the one whose call started it may
+// have the least time of all.
+func (p *pipeline) redial() {
+	ctx, cancel := context.WithTimeout(context.Background(), p.dialTimeout)
 	defer cancel()
 	c, err := p.dial(ctx)
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if err == nil && p.closed {
+		c.Close()
+		err = errPipelineClosed
+	}
 	p.dialErr = err
 	if err == nil {
 		p.current = startPipeConn(c, p.stall, p.tel)
@@ -164,14 +188,15 @@ func (p *pipeline) redial(deadline time.Time) {
 	p.dialing = nil
 }
 
-// close fails the current connection, for shutdown.
+// close fails the current connection and every later call, for shutdown.
 func (p *pipeline) close() {
 	p.mu.Lock()
 	pc := p.current
 	p.current = nil
+	p.closed = true
 	p.mu.Unlock()
 	if pc != nil {
-		pc.fail(errors.New("redis pipeline closed"))
+		pc.fail(errPipelineClosed)
 	}
 }
 
@@ -218,6 +243,9 @@ func (pc *pipeConn) write() {
 		case <-pc.failed:
 			return
 		}
+		// A write larger than the buffer goes to the socket at once: the
+		// deadline covers the whole batch, from its first write.
+		pc.conn.SetWriteDeadline(time.Now().Add(pc.stall))
 		n := 0
 		for yields := 0; call != nil; {
 			if call.abandoned.Load() {
@@ -236,10 +264,21 @@ func (pc *pipeConn) write() {
 			pc.deadline.Unlock()
 			select {
 			case pc.inflight <- call:
-			case <-pc.failed:
-				call.err = pc.err
-				close(call.done)
-				return
+			default:
+				// As many calls in flight as it holds: what is written
+				// goes out before the writer waits for the reader, or
+				// the reader would wait for replies never sent.
+				if err := bw.Flush(); err != nil {
+					pc.fail(err)
+					return
+				}
+				select {
+				case pc.inflight <- call:
+				case <-pc.failed:
+					call.err = pc.err
+					close(call.done)
+					return
+				}
 			}
 			if _, err := bw.Write(buf); err != nil {
 				pc.fail(err)
@@ -335,6 +374,12 @@ func appendCommand(b []byte, cmd []any) []byte {
 			b = appendBulk(b, strconv.AppendUint(nil, v, 10))
 		case float64:
 			b = appendBulk(b, strconv.AppendFloat(nil, v, 'g', -1, 64))
+		case bool: // as redigo sends it
+			if v {
+				b = appendBulk(b, "1")
+			} else {
+				b = appendBulk(b, "0")
+			}
 		case nil:
 			b = appendBulk(b, "")
 		default:
@@ -409,10 +454,10 @@ func readReply(br *bufio.Reader) (any, error) {
 // command as one call and answers as redigo does, "" for the command
 // returning every reply.
 type pipeOp struct {
-	p       *pipeline
-	timeout time.Duration // for Do without a timeout
-	cmds    [][]any
-	pending []any // replies of a Flush, for Receive
+	p        *pipeline
+	deadline time.Time // the operation's, for Do, Flush and Receive without a timeout
+	cmds     [][]any
+	pending  []any // replies of a Flush, for Receive
 }
 
 var _ redis.ConnWithTimeout = (*pipeOp)(nil)
@@ -426,13 +471,13 @@ func (o *pipeOp) Send(cmd string, args ...any) error {
 }
 
 func (o *pipeOp) Flush() error {
-	replies, err := o.p.do(time.Now().Add(o.timeout), o.cmds)
+	replies, err := o.p.do(o.deadline, o.cmds)
 	o.cmds = nil
 	o.pending = append(o.pending, replies...)
 	return err
 }
 
-func (o *pipeOp) Receive() (any, error) { return o.ReceiveWithTimeout(o.timeout) }
+func (o *pipeOp) Receive() (any, error) { return o.ReceiveWithTimeout(0) }
 
 func (o *pipeOp) ReceiveWithTimeout(time.Duration) (any, error) {
 	if len(o.pending) == 0 {
@@ -441,13 +486,13 @@ func (o *pipeOp) ReceiveWithTimeout(time.Duration) (any, error) {
 	r := o.pending[0]
 	o.pending = o.pending[1:]
 	if e, ok := r.(redis.Error); ok {
-		return r, e
+		return nil, e
 	}
 	return r, nil
 }
 
 func (o *pipeOp) Do(cmd string, args ...any) (any, error) {
-	return o.DoWithTimeout(o.timeout, cmd, args...)
+	return o.DoWithTimeout(time.Until(o.deadline), cmd, args...)
 }
 
 func (o *pipeOp) DoWithTimeout(timeout time.Duration, cmd string, args ...any) (any, error) {

@@ -13,7 +13,7 @@ import (
 
 // pipeDo runs one command on pool's pipeline with timeout.
 func pipeDo(pool *redisPool, timeout time.Duration, cmd string, args ...any) (any, error) {
-	op := &pipeOp{p: pool.pipe, timeout: timeout}
+	op := &pipeOp{p: pool.pipe, deadline: time.Now().Add(timeout)}
 	return op.Do(cmd, args...)
 }
 
@@ -57,7 +57,7 @@ func TestPipelineRepliesInOrder(t *testing.T) {
 		wg.Go(func() {
 			for i := range 50 {
 				key := fmt.Sprintf("%sk%d-%d", prefix, w, i)
-				op := &pipeOp{p: pool.pipe, timeout: 2 * time.Second}
+				op := &pipeOp{p: pool.pipe, deadline: time.Now().Add(2 * time.Second)}
 				op.Send("SET", key, fmt.Sprint(w*1000+i))
 				op.Send("INCR", key)
 				op.Send("GET", prefix+"missing")
@@ -199,15 +199,7 @@ func TestPipelineConnectionCut(t *testing.T) {
 	waitFor(t, func() bool {
 		pool.pipe.mu.Lock()
 		defer pool.pipe.mu.Unlock()
-		if pool.pipe.current == nil {
-			return true
-		}
-		select {
-		case <-pool.pipe.current.failed:
-			return true
-		default:
-			return false
-		}
+		return pool.pipe.current == nil || isClosed(pool.pipe.current.failed)
 	}, "the idle connection's cut noticed")
 	if v, err := pipeDo(pool, time.Second, "PING"); err != nil || v != "PONG" {
 		t.Errorf("PING after the cut = %v, %v; want PONG on a new connection", v, err)
@@ -246,7 +238,7 @@ func TestPipelineScriptFlush(t *testing.T) {
 		wg.Go(func() {
 			key := fmt.Sprintf("%sc%d", prefix, w)
 			for i := range 300 {
-				op := &pipeOp{p: pool.pipe, timeout: 2 * time.Second}
+				op := &pipeOp{p: pool.pipe, deadline: time.Now().Add(2 * time.Second)}
 				n, err := redis.Int(s.run(op, time.Now().Add(2*time.Second), []string{key}))
 				if err != nil || n != i+1 {
 					errs <- fmt.Errorf("worker %d run %d = %d, %v", w, i, n, err)
@@ -301,4 +293,75 @@ func TestPipelineBatches(t *testing.T) {
 			sum, count, grepLines(m, "redis_pipeline"))
 	}
 	t.Logf("%g commands in %g writes: %.1f a write", sum, count, sum/count)
+}
+
+// TestPipelineLargeWriteAfterIdle: a call larger than the write buffer,
+// which goes to the socket at once, after the connection sat idle for
+// longer than its stall limit, is written, not failed on an old deadline.
+func TestPipelineLargeWriteAfterIdle(t *testing.T) {
+	pool, prefix := pipelinePool(t)
+	pool.pipe.stall = 200 * time.Millisecond // taken by the connection at its dial
+	if _, err := pipeDo(pool, time.Second, "PING"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // idle past the stall limit: the condition under test, not a wait
+	big := strings.Repeat("x", 100<<10)
+	op := &pipeOp{p: pool.pipe, deadline: time.Now().Add(time.Second)}
+	for i := range 1000 {
+		op.Send("GET", fmt.Sprintf("%sk%d", prefix, i))
+	}
+	if _, err := op.Do("SET", prefix+"big", big); err != nil {
+		t.Errorf("a 100 KiB SET behind 1,000 GETs after the connection sat idle: %v", err)
+	}
+}
+
+// TestPipelineRedialOutlivesItsCaller: the dial a caller with almost no time
+// left starts serves the callers with time to spare.
+func TestPipelineRedialOutlivesItsCaller(t *testing.T) {
+	pool, _ := pipelinePool(t)
+	side, err := redis.Dial("tcp", testConfig(t).RedisAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer side.Close()
+	for round := range 10 {
+		id, err := redis.Int64(pipeDo(pool, time.Second, "CLIENT", "ID"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		side.Do("CLIENT", "KILL", "ID", id)
+		waitFor(t, func() bool {
+			pool.pipe.mu.Lock()
+			defer pool.pipe.mu.Unlock()
+			return pool.pipe.current == nil || isClosed(pool.pipe.current.failed)
+		}, "the cut noticed")
+		pipeDo(pool, 100*time.Microsecond, "PING") // starts the dial, and gives up
+		if v, err := pipeDo(pool, 2*time.Second, "PING"); err != nil || v != "PONG" {
+			t.Errorf("round %d: PING with 2s to spare = %v, %v", round, v, err)
+		}
+	}
+}
+
+func isClosed(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
+// TestPipelineClosed: after the pool is closed, calls fail at once and no
+// connection is dialled again.
+func TestPipelineClosed(t *testing.T) {
+	needRedis(t)
+	pool := newRedisPool(testConfig(t), nil)
+	if _, err := pipeDo(pool, time.Second, "PING"); err != nil {
+		t.Fatal(err)
+	}
+	pool.Close()
+	if _, err := pipeDo(pool, time.Second, "PING"); err != errPipelineClosed {
+		t.Errorf("PING after Close = %v, want %v", err, errPipelineClosed)
+	}
+	waitFor(t, func() bool { return pool.open.Load() == 0 }, "no connection open after Close")
 }

@@ -113,7 +113,7 @@ func newRedisPool(cfg config, tel *telemetry) *redisPool {
 	if cfg.RedisPipeline {
 		// redigo dials and says hello (AUTH, SELECT, CLIENT SETNAME), the
 		// clock is read on it, and the pipeline takes the bare connection.
-		p.pipe = &pipeline{tel: tel, stall: cfg.RedisTimeout + ingestGrace, dial: func(ctx context.Context) (net.Conn, error) {
+		p.pipe = &pipeline{tel: tel, stall: cfg.RedisTimeout + ingestGrace, dialTimeout: cfg.RedisTimeout, dial: func(ctx context.Context) (net.Conn, error) {
 			var raw net.Conn
 			capture := redis.DialContextFunc(func(ctx context.Context, network, addr string) (net.Conn, error) {
 				c, err := dialer.DialContext(ctx, network, addr)
@@ -203,7 +203,7 @@ func (p *redisPool) conn(ctx context.Context) (redis.Conn, time.Time, error) {
 // the pipeline's, or one of the pool's.
 func (p *redisPool) borrow(ctx context.Context, deadline time.Time) (redis.Conn, error) {
 	if p.pipe != nil {
-		return &pipeOp{p: p.pipe, timeout: time.Until(deadline)}, nil
+		return &pipeOp{p: p.pipe, deadline: deadline}, nil
 	}
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
