@@ -128,17 +128,27 @@ func BenchmarkHTTP(b *testing.B) {
 				if store == "redis-pool" {
 					env["STORE"], env["REDIS_PIPELINE"] = "redis", "false"
 				}
+				redisCPU := func() float64 { return 0 }
 				if env["STORE"] == "redis" {
 					// The service writes without a key prefix, so it gets a
 					// redis-server of its own, fresh for each scenario,
 					// rather than the tests' shared one or REDIS_URL.
-					env["REDIS_URL"] = "redis://" + startRedis(b).addr + "/0"
+					addr := startRedis(b).addr
+					env["REDIS_URL"] = "redis://" + addr + "/0"
+					redisCPU = func() float64 { return redisCPUSeconds(b, addr) }
 				}
 				svc := startService(b, bin, env)
 				script := writeScript(b, sc.script)
 				seed(b, svc.base)
 				bareRate, _ := runWrk(b, wrk, bare+sc.path, script, secs)
-				rate, failed := runWrk(b, wrk, svc.base+sc.path, script, secs)
+				cpu0 := redisCPU()
+				rate, failed, p99 := runWrkLatency(b, wrk, svc.base+sc.path, script, secs)
+				if env["STORE"] == "redis" {
+					// Per request answered, the 503s included: they cost
+					// Redis too.
+					b.ReportMetric((redisCPU()-cpu0)*1e6/(rate*float64(secs)/(1-failed)), "redis-cpu-us/req")
+				}
+				b.ReportMetric(p99, "p99-ms")
 				b.ReportMetric(rate/bareRate, "ratio")
 				b.ReportMetric(rate, "req/s")
 				b.ReportMetric(bareRate, "bare-req/s")
@@ -499,12 +509,24 @@ func writeScript(b *testing.B, script string) string {
 var (
 	wrkTotal  = regexp.MustCompile(`(\d+) requests in ([0-9.]+)(m?s)`)
 	wrkFailed = regexp.MustCompile(`Non-2xx or 3xx responses: (\d+)`)
+	wrkP99    = regexp.MustCompile(`99%\s+([0-9.]+)(us|ms|s)`)
 )
 
 // runWrk drives url with 64 connections for secs seconds and returns the
 // requests per second that got a 2xx answer, and the share that did not.
 func runWrk(b *testing.B, wrk, url, script string, secs int) (rate, failed float64) {
-	args := []string{"-t2", "-c64", "-d" + strconv.Itoa(secs) + "s", "--latency"}
+	rate, failed, _ = runWrkLatency(b, wrk, url, script, secs)
+	return rate, failed
+}
+
+// runWrkLatency is runWrk that also reads wrk's 99th percentile latency, in
+// milliseconds. BENCH_CONNS sets the connections (default 64).
+func runWrkLatency(b *testing.B, wrk, url, script string, secs int) (rate, failed, p99 float64) {
+	conns := "64"
+	if c := os.Getenv("BENCH_CONNS"); c != "" {
+		conns = c
+	}
+	args := []string{"-t2", "-c" + conns, "-d" + strconv.Itoa(secs) + "s", "--latency"}
 	if script != "" {
 		args = append(args, "-s", script)
 	}
@@ -525,7 +547,32 @@ func runWrk(b *testing.B, wrk, url, script string, secs int) (rate, failed float
 	if f := wrkFailed.FindSubmatch(out); f != nil {
 		bad, _ = strconv.ParseFloat(string(f[1]), 64)
 	}
-	return (total - bad) / elapsed, bad / total
+	if l := wrkP99.FindSubmatch(out); l != nil {
+		p99, _ = strconv.ParseFloat(string(l[1]), 64)
+		p99 *= map[string]float64{"us": 0.001, "ms": 1, "s": 1000}[string(l[2])]
+	}
+	return (total - bad) / elapsed, bad / total, p99
+}
+
+// redisCPUSeconds is the CPU time Redis at addr has used, user and system.
+func redisCPUSeconds(b *testing.B, addr string) float64 {
+	c, err := redis.Dial("tcp", addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	info, err := redis.String(c.Do("INFO", "cpu"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	total := 0.0
+	for _, f := range []string{"used_cpu_sys", "used_cpu_user"} {
+		if m := regexp.MustCompile(f + `:([0-9.]+)`).FindStringSubmatch(info); m != nil {
+			v, _ := strconv.ParseFloat(m[1], 64)
+			total += v
+		}
+	}
+	return total
 }
 
 // BenchmarkIngestPath is the work of one batch ingest without HTTP: the
