@@ -55,9 +55,10 @@ var errPipelineClosed = errors.New("redis pipeline closed")
 const pipeQueue = 4096
 
 // pipeYields is how often the writer lets other goroutines run before it
-// flushes what it holds. Measured with 64 concurrent clients, flushing as
-// soon as one call is there carried about 1.4 commands a write; a couple
-// of yields let the woken requests join the same write.
+// flushes what it holds: a writer that flushes as soon as one call is there
+// runs as soon as the first caller blocks, and carries little more than
+// that call. With two yields, 32 concurrent writers averaged about 4
+// commands a write (TestPipelineBatches); 4 or 8 yields measured no better.
 const pipeYields = 2
 
 type pipeCall struct {
