@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -733,6 +734,7 @@ end`)
 
 			const n = 100
 			arrivals := make([]map[string]time.Time, n)
+			var arrived atomic.Int64 // probe events seen, over all streams
 			var wg sync.WaitGroup
 			var bodies []io.Closer
 			for i := range n {
@@ -753,6 +755,7 @@ end`)
 							var e metricEventBody
 							if json.Unmarshal(bytes.TrimPrefix(line, []byte("data: ")), &e) == nil {
 								arrivals[i][e.Labels["p"]] = time.Now()
+								arrived.Add(1)
 							}
 						}
 					}
@@ -786,7 +789,12 @@ end`)
 			with, failed := runWrk(b, wrk, svc.base+"/api/metrics", script, secs)
 			close(stop)
 			<-probed
-			time.Sleep(time.Second) // the last probes' events still on their way
+			// The last probes' events may still be on their way: until every
+			// stream has every probe, or a second, past which they count
+			// as lost.
+			for deadline := time.Now().Add(time.Second); arrived.Load() < int64(n*len(acked)) && time.Now().Before(deadline); {
+				time.Sleep(5 * time.Millisecond) // polling the count
+			}
 			for _, c := range bodies {
 				c.Close()
 			}

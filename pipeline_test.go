@@ -300,11 +300,14 @@ func TestPipelineBatches(t *testing.T) {
 // longer than its stall limit, is written, not failed on an old deadline.
 func TestPipelineLargeWriteAfterIdle(t *testing.T) {
 	pool, prefix := pipelinePool(t)
-	pool.pipe.stall = 200 * time.Millisecond // taken by the connection at its dial
 	if _, err := pipeDo(pool, time.Second, "PING"); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(300 * time.Millisecond) // idle past the stall limit: the condition under test, not a wait
+	// What an idle spell past the stall limit leaves: the last flush's
+	// write deadline, passed.
+	pool.pipe.mu.Lock()
+	pool.pipe.current.conn.SetWriteDeadline(time.Now())
+	pool.pipe.mu.Unlock()
 	big := strings.Repeat("x", 100<<10)
 	op := &pipeOp{p: pool.pipe, deadline: time.Now().Add(time.Second)}
 	for i := range 1000 {

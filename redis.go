@@ -83,17 +83,18 @@ func newRedisPool(cfg config, tel *telemetry) *redisPool {
 		tel.redisConns = &p.open
 	}
 	dialer := &net.Dialer{Timeout: cfg.RedisTimeout, KeepAlive: 5 * time.Minute}
+	// Every connection is counted from dial to close: the pool's own
+	// counter includes dials in progress, this one what is open.
+	dialCounted := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dialer.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		p.open.Add(1)
+		return &countedConn{Conn: c, open: &p.open}, nil
+	}
 	opts := []redis.DialOption{
-		// Every connection is counted from dial to close: the pool's own
-		// counter includes dials in progress, this one what is open.
-		redis.DialContextFunc(func(ctx context.Context, network, addr string) (net.Conn, error) {
-			c, err := dialer.DialContext(ctx, network, addr)
-			if err != nil {
-				return nil, err
-			}
-			p.open.Add(1)
-			return &countedConn{Conn: c, open: &p.open}, nil
-		}),
+		redis.DialContextFunc(dialCounted),
 		redis.DialReadTimeout(cfg.RedisTimeout),
 		redis.DialWriteTimeout(cfg.RedisTimeout),
 		redis.DialDatabase(cfg.RedisDB),
@@ -116,13 +117,9 @@ func newRedisPool(cfg config, tel *telemetry) *redisPool {
 		p.pipe = &pipeline{tel: tel, stall: cfg.RedisTimeout + ingestGrace, dialTimeout: cfg.RedisTimeout, dial: func(ctx context.Context) (net.Conn, error) {
 			var raw net.Conn
 			capture := redis.DialContextFunc(func(ctx context.Context, network, addr string) (net.Conn, error) {
-				c, err := dialer.DialContext(ctx, network, addr)
-				if err != nil {
-					return nil, err
-				}
-				p.open.Add(1)
-				raw = &countedConn{Conn: c, open: &p.open}
-				return raw, nil
+				c, err := dialCounted(ctx, network, addr)
+				raw = c
+				return c, err
 			})
 			c, err := redis.DialContext(ctx, "tcp", cfg.RedisAddr, append(slices.Clip(opts), capture)...)
 			if err == nil {

@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math"
 	"net"
 	"net/http"
@@ -230,13 +231,7 @@ func (tt totals) count() int64 {
 
 func (tt totals) String() string {
 	var out []string
-	for _, k := range slices.Sorted(func(yield func(string) bool) {
-		for k := range tt {
-			if !yield(k) {
-				return
-			}
-		}
-	}) {
+	for _, k := range slices.Sorted(maps.Keys(tt)) {
 		out = append(out, fmt.Sprintf("%s=%+v", k, *tt[k]))
 	}
 	return strings.Join(out, " ")
@@ -277,17 +272,7 @@ func postSamples(t testing.TB, base string, samples []sample) {
 	t.Helper()
 	var items []string
 	for _, s := range samples {
-		host := ""
-		if s.series != "" {
-			l, _ := parseSeriesID(s.series)
-			host = l[0].value
-		}
-		at := time.UnixMicro(s.at)
-		if host != "" {
-			items = append(items, hostBody(s.typ, host, at, s.value))
-		} else {
-			items = append(items, metricBody(s.typ, at, s.value))
-		}
+		items = append(items, metricJSON(s))
 	}
 	if r := post(t, base, "["+strings.Join(items, ",")+"]"); r.status != 201 {
 		t.Fatalf("POST = %d %s", r.status, r.body)
