@@ -295,7 +295,9 @@ func (pc *pipeConn) write() {
 			pc.fail(err)
 			return
 		}
-		pc.tel.pipelineBatch(n)
+		if pc.tel != nil {
+			pc.tel.pipeBatches.observe(n)
+		}
 	}
 }
 
@@ -519,20 +521,3 @@ func (o *pipeOp) DoWithTimeout(timeout time.Duration, cmd string, args ...any) (
 	}
 	return replies[len(replies)-1], nil
 }
-
-// pipelineBatch counts one flush of n commands.
-func (t *telemetry) pipelineBatch(n int) {
-	if t == nil {
-		return
-	}
-	i := 0
-	for i < len(pipelineBatchBuckets) && float64(n) > pipelineBatchBuckets[i] {
-		i++
-	}
-	t.pipeBatches[i].Add(1)
-	t.pipeCommands.Add(uint64(n))
-}
-
-// pipelineBatchBuckets are the upper bounds of redis_pipeline_batch_size:
-// as many as telemetry.pipeBatches holds, less the one for more.
-var pipelineBatchBuckets = [9]float64{1, 2, 4, 8, 16, 32, 64, 128, 256}

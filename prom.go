@@ -26,10 +26,28 @@ type telemetry struct {
 
 	redisConns *atomic.Int64 // the Redis pool's open connections; nil without Redis
 
-	// The pipeline's flushes, per pipelineBatchBuckets (not cumulative,
-	// the last for more), and the commands they carried.
-	pipeBatches  [10]atomic.Uint64
-	pipeCommands atomic.Uint64
+	pipeBatches  sizeHistogram // commands per write of the Redis pipeline
+	ingestGroups sizeHistogram // ingests per run of the Redis ingest script
+}
+
+// sizeHistogram counts sizes (commands in a write, ingests in a run) per
+// sizeBuckets, not cumulative, the last for more, and adds them up.
+type sizeHistogram struct {
+	counts [len(sizeBuckets) + 1]atomic.Uint64
+	sum    atomic.Uint64
+}
+
+// sizeBuckets are the upper bounds of a sizeHistogram's buckets.
+var sizeBuckets = [...]float64{1, 2, 4, 8, 16, 32, 64, 128, 256}
+
+// observe counts one size n.
+func (h *sizeHistogram) observe(n int) {
+	i := 0
+	for i < len(sizeBuckets) && float64(n) > sizeBuckets[i] {
+		i++
+	}
+	h.counts[i].Add(1)
+	h.sum.Add(uint64(n))
 }
 
 // storeOps are the store operations whose failures are counted.
@@ -179,16 +197,8 @@ func handleMetrics(t *telemetry, cache *readCache, brk *breaker, h *hub) http.Ha
 			p.sample("redis_connections_open", uint64(max(0, t.redisConns.Load())))
 		}
 
-		p.family("redis_pipeline_batch_size", "histogram", "Commands per write of the Redis pipeline.")
-		var cum, flushes uint64
-		for i, le := range pipelineBatchBuckets {
-			cum += t.pipeBatches[i].Load()
-			p.sample("redis_pipeline_batch_size_bucket", cum, "le", strconv.FormatFloat(le, 'g', -1, 64))
-		}
-		flushes = cum + t.pipeBatches[len(pipelineBatchBuckets)].Load()
-		p.sample("redis_pipeline_batch_size_bucket", flushes, "le", "+Inf")
-		p.sample("redis_pipeline_batch_size_sum", t.pipeCommands.Load())
-		p.sample("redis_pipeline_batch_size_count", flushes)
+		p.histogram("redis_pipeline_batch_size", "Commands per write of the Redis pipeline.", &t.pipeBatches)
+		p.histogram("redis_ingest_group_size", "Ingests applied together by one run of the Redis ingest script.", &t.ingestGroups)
 
 		p.family("ingest_refused_total", "counter", "Samples refused for a limit, by reason; a refused batch counts each of its samples.")
 		for _, r := range refusalReasons {
@@ -214,6 +224,20 @@ func boolUint(b bool) uint64 {
 // patterns, status codes and names from the code, so they never hold the
 // characters the format would need escaped; escape handles them anyway.
 type promWriter struct{ w *bufio.Writer }
+
+// histogram writes h as the histogram name.
+func (p promWriter) histogram(name, help string, h *sizeHistogram) {
+	p.family(name, "histogram", help)
+	var cum uint64
+	for i, le := range sizeBuckets {
+		cum += h.counts[i].Load()
+		p.sample(name+"_bucket", cum, "le", strconv.FormatFloat(le, 'g', -1, 64))
+	}
+	cum += h.counts[len(sizeBuckets)].Load()
+	p.sample(name+"_bucket", cum, "le", "+Inf")
+	p.sample(name+"_sum", h.sum.Load())
+	p.sample(name+"_count", cum)
+}
 
 func (p promWriter) family(name, typ, help string) {
 	p.w.WriteString("# HELP " + name + " " + help + "\n# TYPE " + name + " " + typ + "\n")

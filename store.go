@@ -496,6 +496,7 @@ type redisStore struct {
 	horizon   retention
 	maxTypes  int
 	maxSeries int
+	queue     ingestQueue // ingests waiting to be applied in a group (groupcommit.go)
 }
 
 //go:embed lua/ingest.lua
@@ -535,34 +536,131 @@ type ingestCall struct {
 	args []any
 }
 
-func (s *redisStore) ingestCall(batches []typeBatch, now time.Time) *ingestCall {
+// ingestCall lays out one run of the script for one or more ingests (a
+// group, groupcommit.go), applied as if one after the other: each bucket
+// they add to is written once, with one record from each ingest that adds
+// to it, in their order, as the memory store would merge them.
+func (s *redisStore) ingestCall(ingests [][]typeBatch, now time.Time) *ingestCall {
+	byType := map[string][]typeBatch{}
+	var all []typeBatch
+	for _, batches := range ingests {
+		for _, b := range batches {
+			byType[b.typ] = append(byType[b.typ], b)
+		}
+		all = append(all, batches...)
+	}
+	names := slices.Sorted(maps.Keys(byType))
 	c := &ingestCall{s: s, idx: s.indexed(), ix: map[resolution]int{}, keys: []string{s.keys.types(), s.keys.compactTypes()}}
-	c.args = []any{0, now.UnixMicro(), s.maxTypes, s.maxSeries, len(batches), len(c.idx)}
+	c.args = []any{0, now.UnixMicro(), s.maxTypes, s.maxSeries, len(names), len(c.idx)}
 	for i, r := range c.idx {
 		c.ix[r] = i + 1
 		c.args = append(c.args, s.horizon[r], r.seconds(), r.chunk()*r.seconds(), r.String())
 	}
-	for _, b := range batches {
-		c.keys = append(c.keys, s.keys.meta(b.typ), s.keys.seriesRegistry(b.typ), s.keys.compactBuckets(b.typ), s.keys.seriesUntil(b.typ))
-		c.args = append(c.args, b.typ, s.keys.tag(b.typ), b.samples, b.first, b.newest, b.keepUntil, 1+len(b.series))
+	for _, typ := range names {
+		bs := byType[typ]
+		samples, first, newest, keepUntil := 0, bs[0].first, bs[0].newest, bs[0].keepUntil
+		typeDeltas := make([][]bucketDelta, len(bs))
+		for i, b := range bs {
+			samples += b.samples
+			first, newest, keepUntil = min(first, b.first), max(newest, b.newest), min(keepUntil, b.keepUntil)
+			typeDeltas[i] = b.deltas
+		}
+		series := mergeSeries(bs)
+		c.keys = append(c.keys, s.keys.meta(typ), s.keys.seriesRegistry(typ), s.keys.compactBuckets(typ), s.keys.seriesUntil(typ))
+		c.args = append(c.args, typ, s.keys.tag(typ), samples, first, newest, keepUntil, 1+len(series))
 		// The type-wide unit, then each series; a series' records are the
-		// type's own when it is the batch's only one, encoded once.
-		recs := c.unit(b.typ, typeWide, 0, b.deltas, nil)
-		for _, sb := range b.series {
-			if len(b.series) > 1 {
-				recs = nil
+		// type's own when it is the only one (in every ingest, then, as
+		// each batch holds at least one series), encoded once.
+		recs := bucketRecords(typeDeltas)
+		c.unit(typ, typeWide, 0, recs)
+		for _, ms := range series {
+			if len(series) > 1 {
+				recs = bucketRecords(ms.deltas)
 			}
-			c.unit(b.typ, sb.id, sb.until, sb.deltas, recs)
+			c.unit(typ, ms.id, ms.until, recs)
 		}
 	}
-	c.args = append(c.args, s.keys.streamChannel(), encodeUpdates(updatesOf(batches, now.Unix(), s.horizon)))
+	c.args = append(c.args, s.keys.streamChannel(), encodeUpdates(updatesOf(all, now.Unix(), s.horizon)))
 	return c
 }
 
+// mergedSeries is a series of a type in an ingest call: the anchor it
+// holds data until, and its deltas in each ingest that adds to it.
+type mergedSeries struct {
+	id     string
+	until  int64
+	deltas [][]bucketDelta
+}
+
+// mergeSeries is the series of one type's batches, by id.
+func mergeSeries(bs []typeBatch) []mergedSeries {
+	var out []mergedSeries
+	if len(bs) == 1 {
+		out = make([]mergedSeries, len(bs[0].series))
+		for i, sb := range bs[0].series {
+			out[i] = mergedSeries{sb.id, sb.until, [][]bucketDelta{sb.deltas}}
+		}
+		return out
+	}
+	pos := map[string]int{}
+	for _, b := range bs {
+		for _, sb := range b.series {
+			i, ok := pos[sb.id]
+			if !ok {
+				i = len(out)
+				pos[sb.id] = i
+				out = append(out, mergedSeries{id: sb.id})
+			}
+			out[i].until = max(out[i].until, sb.until)
+			out[i].deltas = append(out[i].deltas, sb.deltas)
+		}
+	}
+	slices.SortFunc(out, func(a, b mergedSeries) int { return strings.Compare(a.id, b.id) })
+	return out
+}
+
+// recordedBucket is a bucket an ingest call adds to, with what it appends.
+type recordedBucket struct {
+	res   resolution
+	start int64
+	recs  []byte // records (bucketRecord), one after the other
+}
+
+// bucketRecords is the buckets that lists of deltas (each by resolution,
+// then start) add to, by resolution, then start, each with the records of
+// its deltas in the lists' order.
+func bucketRecords(lists [][]bucketDelta) []recordedBucket {
+	out := make([]recordedBucket, 0, len(lists[0]))
+	if len(lists) == 1 {
+		for _, d := range lists[0] {
+			out = append(out, recordedBucket{d.res, d.start, bucketRecord(d)})
+		}
+		return out
+	}
+	type at struct {
+		res   resolution
+		start int64
+	}
+	pos := map[at]int{}
+	for _, deltas := range lists {
+		for _, d := range deltas {
+			if i, ok := pos[at{d.res, d.start}]; ok {
+				out[i].recs = append(out[i].recs, bucketRecord(d)...)
+				continue
+			}
+			pos[at{d.res, d.start}] = len(out)
+			out = append(out, recordedBucket{d.res, d.start, bucketRecord(d)})
+		}
+	}
+	slices.SortFunc(out, func(a, b recordedBucket) int {
+		return cmp.Or(cmp.Compare(a.res, b.res), cmp.Compare(a.start, b.start))
+	})
+	return out
+}
+
 // unit adds one unit of typ, the series id (holding data until the anchor
-// until) or the type-wide buckets, with the records of its deltas: recs
-// where given, encoded otherwise, which it returns.
-func (c *ingestCall) unit(typ, id string, until int64, deltas []bucketDelta, recs [][]byte) [][]byte {
+// until) or the type-wide buckets, with the buckets it adds to.
+func (c *ingestCall) unit(typ, id string, until int64, buckets []recordedBucket) {
 	u := c.s.keys.unit(typ, id)
 	var labels []label
 	hash := ""
@@ -574,27 +672,28 @@ func (c *ingestCall) unit(typ, id string, until int64, deltas []bucketDelta, rec
 	for _, l := range labels {
 		c.keys = append(c.keys, c.s.keys.labelIndex(typ, l))
 	}
-	c.args = append(c.args, id, hash, until, len(labels), len(deltas))
+	c.args = append(c.args, id, hash, until, len(labels), len(buckets))
 	for _, r := range c.idx {
 		c.args = append(c.args, bucketPrefix(u, r))
 	}
-	for i, d := range deltas {
-		if len(recs) <= i {
-			recs = append(recs, bucketRecord(d))
-		}
-		c.keys = append(c.keys, bucketKey(u, d.res, d.start))
-		c.args = append(c.args, c.ix[d.res], d.start, c.s.horizon.expiry(d.res, d.start), recs[i])
+	for _, b := range buckets {
+		c.keys = append(c.keys, bucketKey(u, b.res, b.start))
+		c.args = append(c.args, c.ix[b.res], b.start, c.s.horizon.expiry(b.res, b.start), b.recs)
 	}
 	for _, r := range c.idx {
 		c.keys = append(c.keys, indexKey(u, r))
 	}
-	return recs
 }
 
-func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time) error {
-	call := s.ingestCall(batches, now)
+// apply runs the script once for ingests, the first of which arrived at
+// start, and words its refusals. The fence and the wait for the answer
+// count from start.
+func (s *redisStore) apply(ctx context.Context, ingests [][]typeBatch, now, start time.Time) error {
+	// The time spent laying out the call is the service's, not Redis's.
+	laying := time.Now()
+	call := s.ingestCall(ingests, now)
 	keys, args := call.keys, call.args
-	start := time.Now()
+	start = start.Add(time.Since(laying))
 	fence := start.Add(s.pool.timeout / 2)
 	// The ingest keeps a pooled connection of its own, not the pipeline:
 	// its write must reach Redis whole within REDIS_TIMEOUT or not at all
@@ -611,14 +710,22 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 	}
 	if rerr, ok := err.(redis.Error); ok {
 		f := strings.Fields(string(rerr))
+		find := func(typ, hash string) string {
+			for _, batches := range ingests {
+				if id, ok := seriesByHash(batches, typ, hash); ok {
+					return id
+				}
+			}
+			return hash
+		}
 		switch {
 		case len(f) == 2 && f[0] == "TOOMANYTYPES":
 			return &tooManyTypesError{f[1]}
 		case len(f) == 3 && f[0] == "TOOMANYSERIES":
-			return &tooManySeriesError{typ: f[1], id: seriesByHash(batches, f[1], f[2])}
+			return &tooManySeriesError{typ: f[1], id: find(f[1], f[2])}
 		case len(f) == 3 && f[0] == "COLLISION":
 			return unprocessable("labels {%s} of %s cannot be stored: their key collides with another series of the type; rename a label",
-				seriesByHash(batches, f[1], f[2]), f[1])
+				find(f[1], f[2]), f[1])
 		case len(f) == 3 && f[0] == "TOOOLD":
 			anchor, perr := strconv.ParseInt(f[2], 10, 64)
 			if perr == nil {
@@ -626,23 +733,20 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 			}
 		}
 	}
-	if err != nil {
-		s.pool.tel.storeError("ingest")
-	}
 	return err
 }
 
 // seriesByHash finds the id of the series of typ in batches whose hash is
 // hash.
-func seriesByHash(batches []typeBatch, typ, hash string) string {
+func seriesByHash(batches []typeBatch, typ, hash string) (string, bool) {
 	for _, b := range batches {
 		for _, sb := range b.series {
 			if b.typ == typ && seriesHash(sb.id) == hash {
-				return sb.id
+				return sb.id, true
 			}
 		}
 	}
-	return hash
+	return "", false
 }
 
 // bucketRecord is what an ingest adds to a bucket, as the script appends

@@ -285,8 +285,8 @@ local function apply(ty, un, b)
   else
     local size = redis.call('APPEND', b.key, b.rec) - headerLen
     if size > b.clen + b.clen / 4 + 64 then
-      redis.call('SADD', ty.compactKey, b.key)
-      ty.compact = true
+      ty.compact = ty.compact or {}
+      table.insert(ty.compact, b.key)
     end
   end
   if expire then table.insert(pending.expires, b) end
@@ -412,7 +412,13 @@ for _, ty in ipairs(types) do
   -- Series run out of data as the anchor moves, when the type-wide
   -- buckets are swept too.
   local trimmed = not ty.units[1].sweep or trim(ty)
-  if ty.compact then redis.call('SADD', KEYS[2], ty.name) end
+  -- The buckets grown past their last compaction, noted in one call.
+  if ty.compact then
+    for j = 1, #ty.compact, 1000 do
+      redis.call('SADD', ty.compactKey, unpack(ty.compact, j, math.min(j + 999, #ty.compact)))
+    end
+    redis.call('SADD', KEYS[2], ty.name)
+  end
   local meta = {'v', int(ty.version + ty.n), 'f', int(ty.first), 'n', int(ty.newest)}
   if ty.units[1].sweep and ty.units[1].done and trimmed or ty.version == 0 then
     meta[#meta + 1], meta[#meta + 2] = 's', int(ty.anchor)

@@ -1,0 +1,265 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+)
+
+// queued is an ingest of samples as add queues it, arrived now.
+func queued(ctx context.Context, h retention, now time.Time, samples ...sample) *queuedIngest {
+	n := len(samples)
+	return &queuedIngest{ctx: ctx, batches: aggregate(samples, h), now: now, arrived: time.Now(), samples: n}
+}
+
+// groupWindows is the windows the group tests compare: all time, and
+// whole seconds, minutes and hours around the samples.
+func groupWindows(rng *rand.Rand, span int64) []window {
+	out := []window{allTime}
+	base := testEpoch.Unix()
+	for range 200 {
+		f := base - 60 + rng.Int64N(span+120)
+		l := []int64{1, 59, 61, 3599, 3601, span}[rng.IntN(6)]
+		out = append(out, window{f, f + rng.Int64N(l+1)})
+	}
+	return out
+}
+
+// TestRedisGroupMatchesOneByOne applies random groups of small ingests,
+// of several types with and without labels, each group in one run of the
+// script, and the same ingests one by one to the memory store: every
+// window, of the type and of each host, agrees to the bit, and with a
+// recomputation from the raw samples.
+func TestRedisGroupMatchesOneByOne(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.Retention = retention{} // everything kept: every window is answerable
+	clock := newFakeClock(testEpoch.Add(10 * 24 * time.Hour))
+	mem, rb, _ := comparedStores(t, cfg, clock)
+	rs := rb.store.(*redisStore)
+	ctx := context.Background()
+
+	rng := rand.New(rand.NewPCG(3, 4))
+	span := int64(2 * 3600)
+	types := []string{"cpu", "mem", "disk"}
+	hosts := []string{"", "a", "b"}
+	raw := map[string][]rawSample{} // by type, and by type and host
+	var ingests [][]sample
+	for range 400 {
+		var in []sample
+		for range 1 + rng.IntN(6) {
+			typ, host := types[rng.IntN(len(types))], hosts[rng.IntN(len(hosts))]
+			id := ""
+			if host != "" {
+				id = seriesID([]label{{"host", host}})
+			}
+			// A few seconds, so the ingests of a group share buckets.
+			at := testEpoch.Add(time.Duration(rng.Int64N(4)*rng.Int64N(span/4))*time.Second).UnixMicro() + rng.Int64N(1_000_000)
+			// Not dyadic: sums round, so the order they are added in
+			// shows in their last bits.
+			v := float64(rng.IntN(4001)-2000) / 10
+			in = append(in, sample{typ: typ, series: id, at: at, value: v})
+			raw[typ] = append(raw[typ], rawSample{at, v})
+			if host != "" {
+				raw[typ+"/"+host] = append(raw[typ+"/"+host], rawSample{at, v})
+			}
+		}
+		ingests = append(ingests, in)
+	}
+	groups := 0
+	for len(ingests) > 0 {
+		n := min(len(ingests), 1+rng.IntN(24))
+		var group []*queuedIngest
+		for _, in := range ingests[:n] {
+			addSamples(t, mem.store, cfg.Retention, in, clock.now())
+			group = append(group, queued(ctx, cfg.Retention, clock.now(), in...))
+		}
+		for i, err := range rs.commit(group) {
+			if err != nil {
+				t.Fatalf("group %d, ingest %d: %v", groups, i, err)
+			}
+		}
+		ingests = ingests[n:]
+		groups++
+	}
+	for _, typ := range types {
+		for _, w := range groupWindows(rng, span) {
+			from, to := w.bounds()
+			for _, host := range hosts {
+				f := labelFilter{}
+				key := typ
+				if host != "" {
+					f.match = []label{{"host", host}}
+					key = typ + "/" + host
+				}
+				m, _, err := mem.reader.window(ctx, typ, from, to, f)
+				if err != nil {
+					t.Fatal(err)
+				}
+				r, _, err := rb.reader.window(ctx, typ, from, to, f)
+				if err != nil {
+					t.Fatal(err)
+				}
+				mv, rv := onlyGroup(m), onlyGroup(r)
+				// Against the raw samples, whose sum is added in another
+				// order: the sum to rounding, the rest exactly.
+				if st, _ := bruteForce(raw[key], from, to); math.Abs(rv.Sum-st.sum) <= 1e-9*float64(st.count)*200 {
+					rv := rv
+					rv.Sum = st.sum
+					checkAgainstBruteForce(t, "redis "+key, rv, raw[key], from, to)
+				} else {
+					t.Fatalf("%s over [%s, %s): sum %v, want %v", key, optBound(from), optBound(to), rv.Sum, st.sum)
+				}
+				if !sameValues(mv, rv) {
+					t.Fatalf("%s over [%s, %s): memory %+v, redis in %d groups %+v", key, optBound(from), optBound(to), mv, groups, rv)
+				}
+			}
+		}
+		mm, _ := mem.store.meta(ctx, typ)
+		rm, _ := rb.store.meta(ctx, typ)
+		if mm.version != rm.version || mm.first != rm.first || mm.newest != rm.newest {
+			t.Fatalf("%s meta: memory %+v, redis %+v", typ, mm, rm)
+		}
+	}
+}
+
+// TestRedisGroupRefusalAnswersEachIngest: a group refused as a whole (one
+// of its ingests brings a type past MAX_TYPES, one a series past
+// MAX_SERIES, one samples too old) runs again one ingest at a time, in
+// arrival order, so each gets its own answer, as one by one.
+func TestRedisGroupRefusalAnswersEachIngest(t *testing.T) {
+	e := redisStoreEnv(t, func(c *config) {
+		c.MaxTypes, c.MaxSeries = 3, 2
+		c.Retention = retention{res1s: 3600, res1m: 86400, res1h: 86400, res1d: 86400}
+	})
+	rs := e.b.store.(*redisStore)
+	ctx, now, h := context.Background(), e.clock.now(), e.cfg.Retention
+	at := now.UnixMicro()
+	host := func(v string) string { return seriesID([]label{{"host", v}}) }
+	group := []*queuedIngest{
+		queued(ctx, h, now, sample{typ: "a", at: at, value: 1}),
+		queued(ctx, h, now, sample{typ: "b", at: at, value: 2}, sample{typ: "a", series: host("x"), at: at, value: 3}),
+		queued(ctx, h, now, sample{typ: "c", at: at, value: 4}),
+		queued(ctx, h, now, sample{typ: "d", at: at, value: 5}),                     // a fourth type
+		queued(ctx, h, now, sample{typ: "a", series: host("y"), at: at, value: 6}),  // a third series of a
+		queued(ctx, h, now, sample{typ: "b", at: at - 3*86400*1_000_000, value: 7}), // past every resolution
+		queued(ctx, h, now, sample{typ: "c", at: at, value: 8}),
+	}
+	errs := rs.commit(group)
+	var tt *tooManyTypesError
+	var ts *tooManySeriesError
+	var to *tooOldError
+	for i, ok := range []bool{
+		errs[0] == nil, errs[1] == nil, errs[2] == nil,
+		errors.As(errs[3], &tt) && tt.typ == "d",
+		errors.As(errs[4], &ts) && ts.typ == "a" && ts.id == host("y"),
+		errors.As(errs[5], &to) && to.typ == "b",
+		errs[6] == nil,
+	} {
+		if !ok {
+			t.Fatalf("ingest %d of the group: %v", i, errs[i])
+		}
+	}
+	for typ, want := range map[string]int64{"a": 2, "b": 1, "c": 2, "d": 0} {
+		if got := count(t, e.b, typ); got != want {
+			t.Errorf("%s holds %d samples, want %d", typ, got, want)
+		}
+	}
+}
+
+// TestRedisGroupDropsIngestsPastTheirDeadline: an ingest that queued past
+// its fence, or whose request ended, is answered without being sent, and
+// the rest of its group is stored.
+func TestRedisGroupDropsIngestsPastTheirDeadline(t *testing.T) {
+	e := redisStoreEnv(t, nil)
+	rs := e.b.store.(*redisStore)
+	now, h := e.clock.now(), e.cfg.Retention
+	at := now.UnixMicro()
+	ended, cancel := context.WithCancel(context.Background())
+	cancel()
+	late := queued(context.Background(), h, now, sample{typ: "late", at: at, value: 1})
+	late.arrived = time.Now().Add(-e.cfg.RedisTimeout / 2)
+	group := []*queuedIngest{
+		queued(context.Background(), h, now, sample{typ: "kept", at: at, value: 1}),
+		late,
+		queued(ended, h, now, sample{typ: "gone", at: at, value: 1}),
+	}
+	errs := rs.commit(group)
+	if errs[0] != nil || !errors.Is(errs[1], errQueuedPastFence) || !errors.Is(errs[2], context.Canceled) {
+		t.Fatalf("answers %v; want nil, %v, %v", errs, errQueuedPastFence, context.Canceled)
+	}
+	for typ, want := range map[string]int64{"kept": 1, "late": 0, "gone": 0} {
+		if got := count(t, e.b, typ); got != want {
+			t.Errorf("%s holds %d samples, want %d", typ, got, want)
+		}
+	}
+}
+
+// TestRedisConcurrentIngestsShareRuns: ingests that arrive while the runs
+// in flight wait on Redis are applied together in one run when it frees
+// up, and each is stored once.
+func TestRedisConcurrentIngestsShareRuns(t *testing.T) {
+	srv := startRedis(t)
+	cfg := testConfig(t)
+	cfg.RedisAddr = srv.addr
+	tel := newTelemetry()
+	pool := newRedisPool(cfg, tel)
+	defer pool.Close()
+	b := newRedisBackend(pool, "", cfg, time.Now)
+	rs := b.store.(*redisStore)
+	c := pool.Get()
+	defer c.Close()
+	// Writes wait while Redis is paused, the ingest script among them.
+	if _, err := c.Do("CLIENT", "PAUSE", "10000", "WRITE"); err != nil {
+		t.Fatal(err)
+	}
+	const n = 200
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	ingest := func(i int) {
+		wg.Go(func() {
+			errs[i] = storeAdd(b, sample{typ: fmt.Sprintf("t%d", i%8), at: storeEpoch.UnixMicro(), value: float64(i)})
+		})
+	}
+	queue := func(running, waiting int) func() bool {
+		return func() bool {
+			rs.queue.mu.Lock()
+			defer rs.queue.mu.Unlock()
+			return rs.queue.running == running && len(rs.queue.waiting) == waiting
+		}
+	}
+	// One at a time, the first ingests each take a drainer, alone; the
+	// rest queue behind them.
+	for i := range maxCommits {
+		ingest(i)
+		waitFor(t, queue(i+1, 0), fmt.Sprintf("ingest %d taken by a drainer", i))
+	}
+	for i := maxCommits; i < n; i++ {
+		ingest(i)
+	}
+	waitFor(t, queue(maxCommits, n-maxCommits), "the other ingests queued")
+	if _, err := c.Do("CLIENT", "UNPAUSE"); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("ingest %d: %v", i, err)
+		}
+	}
+	var total int64
+	for i := range 8 {
+		total += count(t, b, fmt.Sprintf("t%d", i))
+	}
+	var runs uint64
+	for i := range tel.ingestGroups.counts {
+		runs += tel.ingestGroups.counts[i].Load()
+	}
+	if total != n || tel.ingestGroups.sum.Load() != n || runs != maxCommits+1 {
+		t.Fatalf("%d samples stored by %d ingests in %d runs; want %d in %d runs", total, tel.ingestGroups.sum.Load(), runs, n, maxCommits+1)
+	}
+}
