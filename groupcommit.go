@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
+	"runtime/debug"
 	"slices"
 	"sync"
 	"time"
@@ -17,16 +19,19 @@ import (
 // starts at once, alone, and a group forms only from the ingests that
 // arrive while maxCommits runs are in flight.
 //
-// A group's run is one atomic step, as every ingest's is. When it is
-// refused (a type too old, MAX_TYPES, MAX_SERIES, a hash collision),
-// which says which type but not which ingest, nothing was stored, and each
-// ingest of the group runs again alone, in arrival order, to get its own
-// answer; that is the only retry, and it is of a write known not to have
-// been applied. Any other failure fails every ingest of the group.
+// A group's run is one atomic step, as every ingest's is. When it fails
+// knowing that nothing was stored (a refusal: a type too old, MAX_TYPES,
+// MAX_SERIES, a hash collision, which names a type but not an ingest; a
+// key of the wrong type; the fence; no connection), each ingest of the
+// group runs again alone, in arrival order, for its own answer; that is
+// the only retry, and it is of a write known not to have been applied.
+// When the group's answer was lost, it may be stored, and every ingest of
+// it gets the error.
 //
-// Each ingest keeps its deadline: the run's fence is the earliest of its
+// Each ingest keeps its deadline: a run's fence is the earliest of its
 // ingests', so no ingest is stored after its own; one whose fence passed
-// while it queued, or whose request ended, is answered without being sent.
+// while it queued or before its retry, or whose request ended, is
+// answered without being sent.
 
 const (
 	// maxGroupedSamples is the largest ingest that joins a group; a
@@ -67,7 +72,11 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 		in.samples += b.samples
 	}
 	if in.samples > maxGroupedSamples {
-		return s.commit([]*queuedIngest{in})[0]
+		err := s.commit([]*queuedIngest{in})[0]
+		if p := (*groupPanic)(nil); errors.As(err, &p) {
+			panic(p.Error())
+		}
+		return err
 	}
 	in.done = make(chan error, 1)
 	q := &s.queue
@@ -81,7 +90,11 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 	if drain {
 		go s.drain()
 	}
-	return <-in.done
+	err := <-in.done
+	if p := (*groupPanic)(nil); errors.As(err, &p) {
+		panic(p.Error())
+	}
+	return err
 }
 
 // drain runs groups until no ingest waits.
@@ -109,53 +122,98 @@ func (s *redisStore) drain() {
 }
 
 // commit applies a group, in order, and returns each ingest's answer.
-func (s *redisStore) commit(group []*queuedIngest) []error {
-	errs := make([]error, len(group))
+func (s *redisStore) commit(group []*queuedIngest) (errs []error) {
+	errs = make([]error, len(group))
+	defer func() {
+		// A bug is the request's panic, as it would be without the group,
+		// not the drainer's, which nothing would recover.
+		if p := recover(); p != nil {
+			gp := &groupPanic{value: p, stack: debug.Stack()}
+			for i := range errs {
+				errs[i] = gp
+			}
+		}
+		for _, err := range errs {
+			if err != nil && !refused(err) {
+				s.pool.tel.storeError("ingest")
+			}
+		}
+	}()
 	var live []int
-	now := time.Now()
 	for i, in := range group {
-		switch {
-		case in.ctx.Err() != nil:
-			errs[i] = in.ctx.Err()
-		case !now.Before(in.arrived.Add(s.pool.timeout / 2)):
-			errs[i] = errQueuedPastFence
-		default:
+		if errs[i] = s.unsendable(in); errs[i] == nil {
 			live = append(live, i)
 		}
 	}
-	if len(live) > 0 {
-		ingests := make([][]typeBatch, len(live))
-		latest, first := group[live[0]].now, group[live[0]].arrived
-		for k, i := range live {
-			ingests[k] = group[i].batches
-			latest, first = later(latest, group[i].now), earlier(first, group[i].arrived)
-		}
-		// The request ends with its ingest, so a group's run borrows its
-		// connection under a context of its own; the fence bounds it.
-		err := s.apply(context.Background(), ingests, latest, first)
-		if s.pool.tel != nil {
-			s.pool.tel.ingestGroups.observe(len(live))
-		}
+	if len(live) == 1 {
+		in := group[live[0]]
+		_, errs[live[0]] = s.apply(in.ctx, [][]typeBatch{in.batches}, in.now, in.arrived)
+		s.observeRun(1)
+	}
+	if len(live) < 2 {
+		return errs
+	}
+	ingests := make([][]typeBatch, len(live))
+	latest, first := group[live[0]].now, group[live[0]].arrived
+	for k, i := range live {
+		ingests[k] = group[i].batches
+		latest, first = later(latest, group[i].now), earlier(first, group[i].arrived)
+	}
+	// The requests end with their ingests, so a group's run borrows its
+	// connection under a context of its own; the fence bounds it.
+	unsure, err := s.apply(context.Background(), ingests, latest, first)
+	s.observeRun(len(live))
+	if err == nil || unsure {
 		for _, i := range live {
 			errs[i] = err
 		}
-		if len(live) > 1 && refused(err) {
-			for _, i := range live {
-				in := group[i]
-				errs[i] = s.apply(in.ctx, [][]typeBatch{in.batches}, in.now, time.Now())
-				if s.pool.tel != nil {
-					s.pool.tel.ingestGroups.observe(1)
-				}
-			}
-		}
+		return errs
 	}
-	for _, err := range errs {
-		if err != nil && !refused(err) {
-			s.pool.tel.storeError("ingest")
+	// Nothing was stored: a refusal, or the group's fence (its earliest
+	// ingest's) or connection. Each ingest runs again alone, in arrival
+	// order, within its own fence, until one may have been stored
+	// without an answer, after which the rest are not sent.
+	for _, i := range live {
+		in := group[i]
+		if errs[i] = s.unsendable(in); errs[i] != nil {
+			continue
 		}
+		if unsure {
+			errs[i] = err
+			continue
+		}
+		unsure, err = s.apply(in.ctx, [][]typeBatch{in.batches}, in.now, in.arrived)
+		errs[i] = err
+		s.observeRun(1)
 	}
 	return errs
 }
+
+// unsendable is why an ingest is not to be sent: its request ended, or its
+// fence has passed.
+func (s *redisStore) unsendable(in *queuedIngest) error {
+	if err := in.ctx.Err(); err != nil {
+		return err
+	}
+	if !time.Now().Before(in.arrived.Add(s.pool.timeout / 2)) {
+		return errQueuedPastFence
+	}
+	return nil
+}
+
+func (s *redisStore) observeRun(ingests int) {
+	if s.pool.tel != nil {
+		s.pool.tel.ingestGroups.observe(ingests)
+	}
+}
+
+// groupPanic carries a panic in a group's run to each of its requests.
+type groupPanic struct {
+	value any
+	stack []byte
+}
+
+func (p *groupPanic) Error() string { return fmt.Sprintf("ingest: %v\n%s", p.value, p.stack) }
 
 // refused reports whether err is the store refusing an ingest, which
 // stored nothing, rather than failing.

@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"math/rand/v2"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/gomodule/redigo/redis"
 )
 
 // queued is an ingest of samples as add queues it, arrived now.
@@ -261,5 +264,108 @@ func TestRedisConcurrentIngestsShareRuns(t *testing.T) {
 	}
 	if total != n || tel.ingestGroups.sum.Load() != n || runs != maxCommits+1 {
 		t.Fatalf("%d samples stored by %d ingests in %d runs; want %d in %d runs", total, tel.ingestGroups.sum.Load(), runs, n, maxCommits+1)
+	}
+}
+
+// TestRedisGroupRetriesWithinTheirFences: a group whose earliest ingest's
+// fence passes while Redis is paused is fenced as a whole, storing
+// nothing; its other ingests then run alone within their own fences, and
+// the late one is not sent again.
+func TestRedisGroupRetriesWithinTheirFences(t *testing.T) {
+	srv := startRedis(t)
+	cfg := testConfig(t)
+	cfg.RedisAddr = srv.addr
+	pool := newRedisPool(cfg, nil)
+	defer pool.Close()
+	b := newRedisBackend(pool, "", cfg, time.Now)
+	rs := b.store.(*redisStore)
+	c := pool.Get()
+	defer c.Close()
+	ctx, now, h := context.Background(), time.Now(), cfg.Retention
+	at := storeEpoch.UnixMicro()
+	late := queued(ctx, h, now, sample{typ: "late", at: at, value: 1})
+	late.arrived = time.Now().Add(100*time.Millisecond - cfg.RedisTimeout/2)
+	group := []*queuedIngest{queued(ctx, h, now, sample{typ: "first", at: at, value: 1}), late,
+		queued(ctx, h, now, sample{typ: "third", at: at, value: 1})}
+	// Writes wait 300 ms, past the late ingest's fence, and the pause
+	// ends by itself.
+	if _, err := c.Do("CLIENT", "PAUSE", "300", "WRITE"); err != nil {
+		t.Fatal(err)
+	}
+	errs := rs.commit(group)
+	if errs[0] != nil || !errors.Is(errs[1], errQueuedPastFence) || errs[2] != nil {
+		t.Fatalf("answers %v; want nil, %v, nil", errs, errQueuedPastFence)
+	}
+	for typ, want := range map[string]int64{"first": 1, "late": 0, "third": 1} {
+		if got := count(t, b, typ); got != want {
+			t.Errorf("%s holds %d samples, want %d", typ, got, want)
+		}
+	}
+}
+
+// TestRedisGroupBadKeyFailsOnlyItsIngest: a key of the wrong type fails
+// the ingest that writes it, not the others of its group.
+func TestRedisGroupBadKeyFailsOnlyItsIngest(t *testing.T) {
+	e := redisStoreEnv(t, nil)
+	rs := e.b.store.(*redisStore)
+	c := e.pool.Get()
+	defer c.Close()
+	if _, err := c.Do("SET", rs.keys.meta("bad"), "x"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, now, h := context.Background(), e.clock.now(), e.cfg.Retention
+	at := now.UnixMicro()
+	errs := rs.commit([]*queuedIngest{queued(ctx, h, now, sample{typ: "good", at: at, value: 1}),
+		queued(ctx, h, now, sample{typ: "bad", at: at, value: 1}), queued(ctx, h, now, sample{typ: "good", at: at, value: 2})})
+	if errs[0] != nil || errs[1] == nil || refused(errs[1]) || errs[2] != nil {
+		t.Fatalf("answers %v; want nil, a store error, nil", errs)
+	}
+	if got := count(t, e.b, "good"); got != 2 {
+		t.Errorf("good holds %d samples, want 2", got)
+	}
+}
+
+// TestRedisGroupKeepsEachSeriesUntil: the anchor from which each series
+// holds no data, which retention and MAX_SERIES go by, is the same after
+// random groups as after the same ingests one by one, for samples before
+// 1970 (negative) as after.
+func TestRedisGroupKeepsEachSeriesUntil(t *testing.T) {
+	finite := func(c *config) {
+		c.Retention = retention{res1s: 3600, res1m: 86400, res1h: 30 * 86400, res1d: 400 * 86400}
+	}
+	grouped, alone := redisStoreEnv(t, finite), redisStoreEnv(t, finite)
+	scores := func(e storeEnv) map[string]string {
+		c := e.pool.Get()
+		defer c.Close()
+		m, err := redis.StringMap(c.Do("ZRANGE", keys{e.prefix}.seriesUntil("cpu"), 0, -1, "WITHSCORES"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	rng := rand.New(rand.NewPCG(5, 6))
+	ctx, h := context.Background(), grouped.cfg.Retention
+	for _, base := range []time.Time{time.Date(1950, 3, 1, 0, 0, 0, 0, time.UTC), storeEpoch} {
+		var group []*queuedIngest
+		for i := range 60 {
+			host := fmt.Sprint("h", rng.IntN(5))
+			s := sample{typ: "cpu", series: seriesID([]label{{"host", host}}), value: 1,
+				at: base.Add(time.Duration(rng.IntN(3*86400)) * time.Second).UnixMicro()}
+			if err := storeAdd(alone.b, s); err != nil {
+				t.Fatal(err)
+			}
+			group = append(group, queued(ctx, h, grouped.clock.now(), s))
+			if i%20 == 19 {
+				for _, err := range grouped.b.store.(*redisStore).commit(group) {
+					if err != nil {
+						t.Fatal(err)
+					}
+				}
+				group = nil
+			}
+		}
+		if g, a := scores(grouped), scores(alone); !maps.Equal(g, a) || len(a) != 5 {
+			t.Fatalf("after samples from %s, until of each series: grouped %v, one by one %v", base.Format("2006"), g, a)
+		}
 	}
 }

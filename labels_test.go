@@ -512,6 +512,43 @@ func TestSeriesRetention(t *testing.T) {
 	})
 }
 
+// TestSeriesBackWhileDropped: series that hold no data are dropped a few
+// at a time as the anchor moves; one that an ingest brings back while it
+// is among those about to be dropped keeps its place, its labels and its
+// new sample.
+func TestSeriesBackWhileDropped(t *testing.T) {
+	forEachStore(t, func(c *config) {
+		c.Retention = retention{60, 120, 7200, 2 * 86400}
+	}, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		var hosts, back []string
+		for i := range 10 {
+			hosts = append(hosts, fmt.Sprintf("h%d", i))
+			back = append(back, hostBody("cpu", hosts[i], e.clock.now().Add(4*24*time.Hour+time.Second), 1))
+			if r := post(t, base, hostBody("cpu", hosts[i], e.clock.now(), 1)); r.status != 201 {
+				t.Fatalf("POST %s = %d %s", hosts[i], r.status, r.body)
+			}
+		}
+		// Four days on the ten hold no data; this ingest drops some.
+		e.clock.advance(4 * 24 * time.Hour)
+		if r := post(t, base, metricBody("cpu", e.clock.now(), 1)); r.status != 201 {
+			t.Fatalf("POST = %d %s", r.status, r.body)
+		}
+		e.clock.advance(time.Second)
+		if r := post(t, base, "["+strings.Join(back, ",")+"]"); r.status != 201 {
+			t.Fatalf("POST the ten again = %d %s", r.status, r.body)
+		}
+		for _, h := range hosts {
+			if r := get(t, base+"/api/metrics/summary?metric_type=cpu&label=host:"+h); !strings.Contains(r.body, `"count":1,`) {
+				t.Errorf("summary of host %s, back = %s, want its one new sample", h, r.body)
+			}
+		}
+		if r := get(t, base+"/api/metrics/labels?metric_type=cpu"); !strings.Contains(r.body, `"host":["`+strings.Join(hosts, `","`)+`"]`) {
+			t.Errorf("labels = %s, want all ten hosts", r.body)
+		}
+	})
+}
+
 // TestMaxSeriesDefault fills the default MAX_SERIES of 1,000 in one batch:
 // the 1,001st series is refused with the batch that brings it, and the
 // first 1,000 keep being accepted.

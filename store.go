@@ -609,7 +609,7 @@ func mergeSeries(bs []typeBatch) []mergedSeries {
 			if !ok {
 				i = len(out)
 				pos[sb.id] = i
-				out = append(out, mergedSeries{id: sb.id})
+				out = append(out, mergedSeries{id: sb.id, until: sb.until})
 			}
 			out[i].until = max(out[i].until, sb.until)
 			out[i].deltas = append(out[i].deltas, sb.deltas)
@@ -687,8 +687,11 @@ func (c *ingestCall) unit(typ, id string, until int64, buckets []recordedBucket)
 
 // apply runs the script once for ingests, the first of which arrived at
 // start, and words its refusals. The fence and the wait for the answer
-// count from start.
-func (s *redisStore) apply(ctx context.Context, ingests [][]typeBatch, now, start time.Time) error {
+// count from start. unsure reports an error after which the ingests may be
+// stored: the script was sent and its answer did not come. Any error the
+// script itself answers comes before its first write (lua/ingest.lua), so
+// then, as when no connection was had, nothing is stored.
+func (s *redisStore) apply(ctx context.Context, ingests [][]typeBatch, now, start time.Time) (unsure bool, err error) {
 	// The time spent laying out the call is the service's, not Redis's.
 	laying := time.Now()
 	call := s.ingestCall(ingests, now)
@@ -703,37 +706,39 @@ func (s *redisStore) apply(ctx context.Context, ingests [][]typeBatch, now, star
 	borrowCtx, cancel := context.WithDeadline(ctx, fence)
 	defer cancel()
 	c, err := s.pool.GetContext(borrowCtx)
-	if err == nil {
-		args[0] = s.pool.redisMicros(fence)
-		_, err = ingestScript.run(c, start.Add(s.pool.timeout+ingestGrace), keys, args...)
-		c.Close()
+	if err != nil {
+		return false, err
 	}
-	if rerr, ok := err.(redis.Error); ok {
-		f := strings.Fields(string(rerr))
-		find := func(typ, hash string) string {
-			for _, batches := range ingests {
-				if id, ok := seriesByHash(batches, typ, hash); ok {
-					return id
-				}
-			}
-			return hash
-		}
-		switch {
-		case len(f) == 2 && f[0] == "TOOMANYTYPES":
-			return &tooManyTypesError{f[1]}
-		case len(f) == 3 && f[0] == "TOOMANYSERIES":
-			return &tooManySeriesError{typ: f[1], id: find(f[1], f[2])}
-		case len(f) == 3 && f[0] == "COLLISION":
-			return unprocessable("labels {%s} of %s cannot be stored: their key collides with another series of the type; rename a label",
-				find(f[1], f[2]), f[1])
-		case len(f) == 3 && f[0] == "TOOOLD":
-			anchor, perr := strconv.ParseInt(f[2], 10, 64)
-			if perr == nil {
-				return &tooOldError{typ: f[1], anchor: anchor}
+	args[0] = s.pool.redisMicros(fence)
+	_, err = ingestScript.run(c, start.Add(s.pool.timeout+ingestGrace), keys, args...)
+	c.Close()
+	rerr, ok := err.(redis.Error)
+	if !ok {
+		return err != nil, err
+	}
+	f := strings.Fields(string(rerr))
+	find := func(typ, hash string) string {
+		for _, batches := range ingests {
+			if id, ok := seriesByHash(batches, typ, hash); ok {
+				return id
 			}
 		}
+		return hash
 	}
-	return err
+	switch {
+	case len(f) == 2 && f[0] == "TOOMANYTYPES":
+		return false, &tooManyTypesError{f[1]}
+	case len(f) == 3 && f[0] == "TOOMANYSERIES":
+		return false, &tooManySeriesError{typ: f[1], id: find(f[1], f[2])}
+	case len(f) == 3 && f[0] == "COLLISION":
+		return false, unprocessable("labels {%s} of %s cannot be stored: their key collides with another series of the type; rename a label",
+			find(f[1], f[2]), f[1])
+	case len(f) == 3 && f[0] == "TOOOLD":
+		if anchor, perr := strconv.ParseInt(f[2], 10, 64); perr == nil {
+			return false, &tooOldError{typ: f[1], anchor: anchor}
+		}
+	}
+	return false, err
 }
 
 // seriesByHash finds the id of the series of typ in batches whose hash is

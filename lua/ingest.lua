@@ -173,19 +173,27 @@ for i = 1, ntypes do
   -- The series that hold no data are dropped (trim) when the anchor moves,
   -- a few at a time; what that reads, and so the type of every key it
   -- writes, is taken here.
+  -- A series this ingest brings back is not dropped, though it is among
+  -- them (its until is written after); more tells whether others remain.
   ty.gone = {}
   if ty.units[1].sweep then
-    for _, h in ipairs(redis.call('ZRANGEBYSCORE', ty.untilKey, '-inf', int(ty.anchor), 'LIMIT', 0, trimAtOnce)) do
-      local g = {hash = h, unit = ty.tag .. 's:' .. h .. ':', id = redis.call('HGET', ty.registry, h),
-        chunks = {}, more = {}, labelKeys = {}}
-      for j = 1, nidx do
-        local ixKey = g.unit .. 'i:' .. idx[j].name
-        g.chunks[j] = redis.call('ZRANGE', ixKey, 0, 31)
-        g.more[j] = redis.call('ZCARD', ixKey) > #g.chunks[j]
+    local mine = {}
+    for u = 2, nunits do mine[ty.units[u].hash] = true end
+    local found = redis.call('ZRANGEBYSCORE', ty.untilKey, '-inf', int(ty.anchor), 'LIMIT', 0, trimAtOnce)
+    ty.moreGone = #found == trimAtOnce
+    for _, h in ipairs(found) do
+      if not mine[h] then
+        local g = {hash = h, unit = ty.tag .. 's:' .. h .. ':', id = redis.call('HGET', ty.registry, h),
+          chunks = {}, more = {}, labelKeys = {}}
+        for j = 1, nidx do
+          local ixKey = g.unit .. 'i:' .. idx[j].name
+          g.chunks[j] = redis.call('ZRANGE', ixKey, 0, 31)
+          g.more[j] = redis.call('ZCARD', ixKey) > #g.chunks[j]
+        end
+        if g.id then g.labelKeys = labelKeysOf(ty.tag, g.id) end
+        for _, key in ipairs(g.labelKeys) do redis.call('SCARD', key) end
+        ty.gone[#ty.gone + 1] = g
       end
-      if g.id then g.labelKeys = labelKeysOf(ty.tag, g.id) end
-      for _, key in ipairs(g.labelKeys) do redis.call('SCARD', key) end
-      ty.gone[#ty.gone + 1] = g
     end
   end
   for _, un in ipairs(ty.units) do
@@ -371,7 +379,7 @@ local function trim(ty)
     redis.call('UNLINK', g.unit .. 'm', g.unit .. 'b:all')
     redis.call('ZREM', ty.untilKey, g.hash)
   end
-  return #ty.gone < trimAtOnce
+  return not ty.moreGone
 end
 
 for _, ty in ipairs(types) do
