@@ -71,7 +71,7 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 	for _, b := range batches {
 		in.samples += b.samples
 	}
-	if in.samples > maxGroupedSamples {
+	if in.samples > maxGroupedSamples || !s.grouped {
 		err := s.commit([]*queuedIngest{in})[0]
 		if p := (*groupPanic)(nil); errors.As(err, &p) {
 			panic(p.Error())

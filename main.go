@@ -176,6 +176,7 @@ func newMemoryBackend(cfg config, now func() time.Time) backend {
 func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time.Time) backend {
 	k := keys{prefix: prefix}
 	s := newRedisStore(pool, k, cfg.Retention, cfg.MaxTypes, cfg.MaxSeries)
+	s.grouped = cfg.RedisPipeline
 	h := newHub(cfg.MaxStreams)
 	return backend{
 		hub: h,

@@ -497,6 +497,7 @@ type redisStore struct {
 	maxTypes  int
 	maxSeries int
 	queue     ingestQueue // ingests waiting to be applied in a group (groupcommit.go)
+	grouped   bool        // small ingests share runs; false with REDIS_PIPELINE=false
 }
 
 //go:embed lua/ingest.lua
