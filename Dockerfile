@@ -4,9 +4,11 @@ WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY *.go ./
-# The embedded files: the Redis scripts and the dashboard.
+# The embedded files: the Redis scripts, the dashboard and the variables
+# the usage lists.
 COPY lua ./lua
 COPY web ./web
+COPY .env.example ./
 RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/analytics .
 
 # Final stage: a static binary on distroless, as a non-root user.

@@ -22,7 +22,10 @@ import (
 )
 
 func main() {
-	if len(os.Args) == 2 && os.Args[1] == "-healthcheck" {
+	switch act, code := parseCommandLine(os.Args[1:], os.Stdout, os.Stderr); act {
+	case actExit:
+		os.Exit(code)
+	case actHealthcheck:
 		if err := healthcheck(os.Getenv); err != nil {
 			fmt.Fprintln(os.Stderr, "unhealthy:", err)
 			os.Exit(1)

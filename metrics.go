@@ -499,7 +499,12 @@ func parseMetricType(q url.Values) (string, error) {
 }
 
 // parseBound reads a window bound: RFC 3339 as for ingest, a whole second.
+// A "+hh:mm" offset typed unescaped into a query string arrives with its
+// plus turned into a space; a space in that place is read as the plus.
 func parseBound(name, s string) (int64, error) {
+	if n := len(s); n > 6 && s[n-6] == ' ' && s[n-3] == ':' {
+		s = s[:n-6] + "+" + s[n-5:]
+	}
 	at, err := parseTimestamp(s)
 	if err != nil {
 		return 0, unprocessable("%s %s", name, err)

@@ -264,6 +264,8 @@ func TestSummaryWindows(t *testing.T) {
 			{"&from=2025-01-01T10:00:00Z&to=2025-01-01T10:00:01Z", `"count":2,"average":5.5,"sum":11,"min":1,"max":10`}, // 10:00:00.5 counts in its second
 			{"&from=2025-01-01T10:00:01Z&to=2025-01-01T10:00:03Z", `"count":2,"average":2.5,"sum":5,"min":2,"max":3`},
 			{"&from=2025-01-01T11:00:00%2B01:00&to=2025-01-01T10:00:01", `"count":2,"average":5.5,"sum":11,"min":1,"max":10`},
+			// The same, its plus sent unescaped (a space once decoded).
+			{"&from=2025-01-01T11:00:00+01:00&to=2025-01-01T10:00:01", `"count":2,"average":5.5,"sum":11,"min":1,"max":10`},
 			{"&from=2025-01-01T10:00:01Z&to=2025-01-01T10:00:01Z", `"count":0,"average":0,"sum":0}`},
 			{"&from=2030-01-01T00:00:00Z", `"count":0,"average":0,"sum":0}`},
 		} {
