@@ -55,8 +55,10 @@ func decide(n int64, limit int, reset time.Duration) decision {
 // rateLimited applies lim to next, before next reads the body, and sets
 // the X-RateLimit headers on every response. When the limiter's store
 // fails, the request goes on (failClosed false) or gets 503.
-func rateLimited(log *slog.Logger, cfg config, tel *telemetry, lim limiter, now func() time.Time, next http.Handler) http.Handler {
-	tooMany := []byte(`{"detail":"Too many requests"}` + "\n")
+//
+// fail answers the limiter's own errors: writeError, or the InfluxDB form
+// on its write endpoints.
+func rateLimited(log *slog.Logger, cfg config, tel *telemetry, lim limiter, now func() time.Time, fail func(http.ResponseWriter, int, string), next http.Handler) http.Handler {
 	var lastLogged atomic.Int64
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		t := now()
@@ -82,11 +84,11 @@ func rateLimited(log *slog.Logger, cfg config, tel *telemetry, lim limiter, now 
 		switch {
 		case err != nil && cfg.RateLimitFailClosed:
 			h.Set("Retry-After", "1")
-			writeError(w, http.StatusServiceUnavailable, "rate limiter unavailable, try again shortly")
+			fail(w, http.StatusServiceUnavailable, "rate limiter unavailable, try again shortly")
 		case !d.allowed:
 			tel.rateLimitRejected.Add(1)
 			h.Set("Retry-After", resetSecs)
-			writeRaw(w, http.StatusTooManyRequests, tooMany)
+			fail(w, http.StatusTooManyRequests, "Too many requests")
 		default:
 			next.ServeHTTP(w, r)
 		}

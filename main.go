@@ -215,7 +215,11 @@ func newHandler(log *slog.Logger, cfg config, tel *telemetry, b backend) http.Ha
 		mux.Handle(pattern, h)
 	}
 	handle("GET /health", handleHealth(log, b.ping))
-	handle("POST /api/metrics", rateLimited(log, cfg, tel, b.limiter, b.now, handleIngest(log, cfg, tel, b.store, b.announce, b.now)))
+	handle("POST /api/metrics", rateLimited(log, cfg, tel, b.limiter, b.now, writeError, handleIngest(log, cfg, tel, b.store, b.announce, b.now)))
+	// The InfluxDB write APIs, v1 and v2: one handler, one limit.
+	lines := rateLimited(log, cfg, tel, b.limiter, b.now, writeInfluxError, handleLineProtocol(log, cfg, tel, b.store, b.announce, b.now))
+	handle("POST /write", lines)
+	handle("POST /api/v2/write", lines)
 	handle("GET /api/metrics/summary", handleSummary(log, b.reader))
 	handle("GET /api/metrics/series", handleSeries(log, b.reader))
 	handle("GET /api/metrics/types", handleTypes(log, b.reader))

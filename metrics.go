@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -24,23 +25,13 @@ func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStor
 	var bodies bodyBuffers
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		samples, batch, err := readSamples(w, r, cfg, &bodies)
-		t := now()
 		if err == nil {
-			err = checkFuture(samples, batch, t, cfg.MaxFuture, tel)
-		}
-		var batches []typeBatch
-		if err == nil {
-			batches = aggregate(samples, cfg.Retention)
-			err = store.add(r.Context(), batches, t)
+			err = ingestSamples(r.Context(), cfg, tel, store, announce, samples, func(i int) string { return item(batch, i) }, now())
 		}
 		if err != nil {
-			writeFailure(w, r, log, ingestRefusal(err, samples, batch, cfg, tel))
+			writeFailure(w, r, log, err)
 			return
 		}
-		if announce != nil {
-			announce(batches, t)
-		}
-		tel.ingested.Add(uint64(len(samples)))
 		if !batch {
 			writeRaw(w, http.StatusCreated, storedOne)
 			return
@@ -52,14 +43,32 @@ func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStor
 	})
 }
 
+// ingestSamples stores one request's samples as one ingest, and once they
+// are stored hands them to announce for the live streams, when it is not
+// nil. Its refusals name the sample at fault by where (item i, line n).
+func ingestSamples(ctx context.Context, cfg config, tel *telemetry, store metricStore, announce func([]typeBatch, time.Time), samples []sample, where func(int) string, t time.Time) error {
+	if err := checkFuture(samples, where, t, cfg.MaxFuture, tel); err != nil {
+		return err
+	}
+	batches := aggregate(samples, cfg.Retention)
+	if err := store.add(ctx, batches, t); err != nil {
+		return ingestRefusal(err, samples, where, cfg, tel)
+	}
+	if announce != nil {
+		announce(batches, t)
+	}
+	tel.ingested.Add(uint64(len(samples)))
+	return nil
+}
+
 // checkFuture refuses samples more than MAX_FUTURE ahead of the clock.
-func checkFuture(samples []sample, batch bool, now time.Time, ahead time.Duration, tel *telemetry) error {
+func checkFuture(samples []sample, where func(int) string, now time.Time, ahead time.Duration, tel *telemetry) error {
 	limit := now.Add(ahead).UnixMicro()
 	for i, s := range samples {
 		if s.at > limit {
 			tel.refused("future", len(samples))
 			return unprocessable("%stimestamp %s is more than %s ahead of the server's clock",
-				item(batch, i), time.UnixMicro(s.at).UTC().Format(time.RFC3339Nano), ahead)
+				where(i), time.UnixMicro(s.at).UTC().Format(time.RFC3339Nano), ahead)
 		}
 	}
 	return nil
@@ -67,17 +76,17 @@ func checkFuture(samples []sample, batch bool, now time.Time, ahead time.Duratio
 
 // ingestRefusal words the store's refusals, naming the first sample at
 // fault; other errors pass through.
-func ingestRefusal(err error, samples []sample, batch bool, cfg config, tel *telemetry) error {
+func ingestRefusal(err error, samples []sample, where func(int) string, cfg config, tel *telemetry) error {
 	if tm := (*tooManyTypesError)(nil); errors.As(err, &tm) {
 		tel.refused("max_types", len(samples))
 		return unprocessable("%stype %q is new, and the limit of %d distinct metric types is reached",
-			item(batch, firstOf(samples, tm.typ, nil)), tm.typ, cfg.MaxTypes)
+			where(firstOf(samples, tm.typ, nil)), tm.typ, cfg.MaxTypes)
 	}
 	if ts := (*tooManySeriesError)(nil); errors.As(err, &ts) {
 		tel.refused("max_series", len(samples))
 		i := firstOf(samples, ts.typ, func(s sample) bool { return s.series == ts.id })
 		return unprocessable("%slabels {%s} make a new series of %s, and the limit of %d series per type is reached",
-			item(batch, i), ts.id, ts.typ, cfg.MaxSeries)
+			where(i), ts.id, ts.typ, cfg.MaxSeries)
 	}
 	if to := (*tooOldError)(nil); errors.As(err, &to) {
 		tel.refused("retention", len(samples))
@@ -87,7 +96,7 @@ func ingestRefusal(err error, samples []sample, batch bool, cfg config, tel *tel
 			kept = min(kept, cfg.Retention.firstKept(r, to.anchor))
 		}
 		return unprocessable("%stimestamp %s is older than retention keeps: data of %s is kept from %s",
-			item(batch, i), time.UnixMicro(samples[i].at).UTC().Format(time.RFC3339Nano), to.typ, formatTime(kept))
+			where(i), time.UnixMicro(samples[i].at).UTC().Format(time.RFC3339Nano), to.typ, formatTime(kept))
 	}
 	return err
 }
