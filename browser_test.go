@@ -300,3 +300,26 @@ func mustAtoi(s string) int {
 	}
 	return n
 }
+
+// TestDashboardAsksForToken: with AUTH_READS the page asks for a token
+// once a read is refused, then lists the types and goes live with it.
+func TestDashboardAsksForToken(t *testing.T) {
+	wd := startBrowser(t)
+	cfg := testConfig(t)
+	cfg.AuthTokens, cfg.AuthReads = []string{tokenA}, true
+	e := storeEnv{name: "memory", cfg: cfg, clock: newFakeClock(time.Now())}
+	b := newMemoryBackend(cfg, time.Now)
+	base := liveServe(t, e, b, nil)
+	if r := authed(t, "POST", base+"/api/metrics", metricBody("cpu", time.Now().Add(-time.Minute), 1), "Authorization", "Bearer "+tokenA); r.status != 201 {
+		t.Fatalf("POST = %d %s", r.status, r.body)
+	}
+	wd.call("POST", "/url", map[string]string{"url": base + "/"}, nil)
+	wd.waitJS(`return !document.querySelector('#token-form').hidden`, 5*time.Second, "the page asks for a token")
+	wd.typeInto("#token", "wrong")
+	wd.click("#token-form button")
+	wd.waitJS(`return !document.querySelector('#token-form').hidden && document.querySelector('#token-why').textContent.includes('refused')`, 5*time.Second, "a wrong token is refused")
+	wd.typeInto("#token", tokenA)
+	wd.click("#token-form button")
+	wd.waitJS(`return document.body.dataset.types === "1" && document.querySelector('#token-form').hidden`, 5*time.Second, "the types listed with the token")
+	wd.waitJS(`return document.body.dataset.stream === "live"`, 5*time.Second, "the stream live with the token")
+}

@@ -28,6 +28,9 @@ type config struct {
 
 	RateLimit           int
 	RateWindow          time.Duration
+	AuthTokens          []string // AUTH_TOKENS: when set, writes need one
+	AuthReads           bool     // reads need one too
+	TokenRateLimit      int      // writes per window of each valid token
 	RateLimitFailClosed bool
 	TrustedProxies      []netip.Prefix
 	// LimiterTimeout is all the time the limiter may add to a request when
@@ -76,6 +79,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		RateLimit:           p.integer("RATE_LIMIT", "5", 1, math.MaxInt32),
 		RateWindow:          p.duration("RATE_WINDOW", "60"),
 		RateLimitFailClosed: p.boolean("RATE_LIMIT_FAIL_CLOSED", "false"),
+		AuthTokens:          p.tokens("AUTH_TOKENS"),
+		AuthReads:           p.boolean("AUTH_READS", "false"),
+		TokenRateLimit:      p.integer("TOKEN_RATE_LIMIT", "1000", 1, math.MaxInt32),
 		TrustedProxies:      p.prefixes("TRUSTED_PROXIES"),
 		LimiterTimeout:      100 * time.Millisecond,
 
@@ -105,6 +111,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		LogLevel: p.level("LOG_LEVEL", "info"),
 	}
 	c.RedisAddr, c.RedisDB, c.RedisUsername, c.RedisPassword = p.redis()
+	if c.AuthReads && strings.TrimSpace(p.getenv("AUTH_TOKENS")) == "" {
+		p.fail("AUTH_READS", "true", "needs AUTH_TOKENS: the tokens reads would need")
+	}
 	return c, errors.Join(p.errs...)
 }
 
@@ -146,6 +155,29 @@ func (p *envParser) integer(name, def string, lo, hi int) int {
 		return 0
 	}
 	return n
+}
+
+// tokens reads a comma-separated list of secrets. Its errors never show
+// the value.
+func (p *envParser) tokens(name string) []string {
+	v := strings.TrimSpace(p.getenv(name))
+	if v == "" {
+		return nil
+	}
+	var out []string
+	for i, t := range strings.Split(v, ",") {
+		t = strings.TrimSpace(t)
+		ok := len(t) > 0 && len(t) <= 256
+		for j := 0; j < len(t) && ok; j++ {
+			ok = t[j] > ' ' && t[j] < 0x7f
+		}
+		if !ok {
+			p.errs = append(p.errs, fmt.Errorf("%s: token %d of the list must be 1 to 256 printable ASCII characters without spaces (the value is not shown)", name, i+1))
+			continue
+		}
+		out = append(out, t)
+	}
+	return out
 }
 
 func (p *envParser) boolean(name, def string) bool {

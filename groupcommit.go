@@ -23,8 +23,9 @@ import (
 // knowing that nothing was stored (a refusal: a type too old, MAX_TYPES,
 // MAX_SERIES, a hash collision, which names a type but not an ingest; a
 // key of the wrong type; the fence; no connection), each ingest of the
-// group runs again alone, in arrival order, for its own answer; that is
-// the only retry, and it is of a write known not to have been applied.
+// group runs again alone, for its own answer, from its own request, so
+// the retries run side by side and hold up no other group; that is the
+// only retry, and it is of a write known not to have been applied.
 // When the group's answer was lost, it may be stored, and every ingest of
 // it gets the error.
 //
@@ -71,31 +72,44 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 	for _, b := range batches {
 		in.samples += b.samples
 	}
+	var err error
 	if in.samples > maxGroupedSamples || !s.grouped {
-		err := s.commit([]*queuedIngest{in})[0]
-		if p := (*groupPanic)(nil); errors.As(err, &p) {
-			panic(p.Error())
+		err = s.commit([]*queuedIngest{in})[0]
+	} else {
+		in.done = make(chan error, 1)
+		q := &s.queue
+		q.mu.Lock()
+		q.waiting = append(q.waiting, in)
+		drain := q.running < maxCommits
+		if drain {
+			q.running++
 		}
-		return err
+		q.mu.Unlock()
+		if drain {
+			go s.drain()
+		}
+		err = s.settle(in, <-in.done)
 	}
-	in.done = make(chan error, 1)
-	q := &s.queue
-	q.mu.Lock()
-	q.waiting = append(q.waiting, in)
-	drain := q.running < maxCommits
-	if drain {
-		q.running++
-	}
-	q.mu.Unlock()
-	if drain {
-		go s.drain()
-	}
-	err := <-in.done
 	if p := (*groupPanic)(nil); errors.As(err, &p) {
 		panic(p.Error())
 	}
 	return err
 }
+
+// settle is an ingest's answer from its group's: its own, or, when the
+// group failed storing nothing, the answer of a run of it alone, made from
+// the ingest's own goroutine, so the retries of a group run side by side
+// and the drainers go on with the next groups.
+func (s *redisStore) settle(in *queuedIngest, err error) error {
+	if err != errRunAlone {
+		return err
+	}
+	return s.commit([]*queuedIngest{in})[0]
+}
+
+// errRunAlone tells an ingest that its group failed storing nothing and
+// that it is to run again alone.
+var errRunAlone = errors.New("ingest: run again alone")
 
 // drain runs groups until no ingest waits.
 func (s *redisStore) drain() {
@@ -134,7 +148,7 @@ func (s *redisStore) commit(group []*queuedIngest) (errs []error) {
 			}
 		}
 		for _, err := range errs {
-			if err != nil && !refused(err) {
+			if err != nil && err != errRunAlone && !refused(err) {
 				s.pool.tel.storeError("ingest")
 			}
 		}
@@ -170,21 +184,9 @@ func (s *redisStore) commit(group []*queuedIngest) (errs []error) {
 		return errs
 	}
 	// Nothing was stored: a refusal, or the group's fence (its earliest
-	// ingest's) or connection. Each ingest runs again alone, in arrival
-	// order, within its own fence, until one may have been stored
-	// without an answer, after which the rest are not sent.
+	// ingest's) or connection. Each ingest runs again alone (settle).
 	for _, i := range live {
-		in := group[i]
-		if errs[i] = s.unsendable(in); errs[i] != nil {
-			continue
-		}
-		if unsure {
-			errs[i] = err
-			continue
-		}
-		unsure, err = s.apply(in.ctx, [][]typeBatch{in.batches}, in.now, in.arrived)
-		errs[i] = err
-		s.observeRun(1)
+		errs[i] = errRunAlone
 	}
 	return errs
 }

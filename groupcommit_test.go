@@ -20,6 +20,16 @@ func queued(ctx context.Context, h retention, now time.Time, samples ...sample) 
 	return &queuedIngest{ctx: ctx, batches: aggregate(samples, h), now: now, arrived: time.Now(), samples: n}
 }
 
+// settleGroup applies a group as add does, the ingests that are to run
+// again alone run one after the other, in arrival order.
+func settleGroup(rs *redisStore, group []*queuedIngest) []error {
+	errs := rs.commit(group)
+	for i, in := range group {
+		errs[i] = rs.settle(in, errs[i])
+	}
+	return errs
+}
+
 // groupWindows is the windows the group tests compare: all time, and
 // whole seconds, minutes and hours around the samples.
 func groupWindows(rng *rand.Rand, span int64) []window {
@@ -81,7 +91,7 @@ func TestRedisGroupMatchesOneByOne(t *testing.T) {
 			addSamples(t, mem.store, cfg.Retention, in, clock.now())
 			group = append(group, queued(ctx, cfg.Retention, clock.now(), in...))
 		}
-		for i, err := range rs.commit(group) {
+		for i, err := range settleGroup(rs, group) {
 			if err != nil {
 				t.Fatalf("group %d, ingest %d: %v", groups, i, err)
 			}
@@ -132,8 +142,8 @@ func TestRedisGroupMatchesOneByOne(t *testing.T) {
 
 // TestRedisGroupRefusalAnswersEachIngest: a group refused as a whole (one
 // of its ingests brings a type past MAX_TYPES, one a series past
-// MAX_SERIES, one samples too old) runs again one ingest at a time, in
-// arrival order, so each gets its own answer, as one by one.
+// MAX_SERIES, one samples too old) runs again one ingest at a time, so
+// each gets its own answer, as one by one.
 func TestRedisGroupRefusalAnswersEachIngest(t *testing.T) {
 	e := redisStoreEnv(t, func(c *config) {
 		c.MaxTypes, c.MaxSeries = 3, 2
@@ -152,7 +162,7 @@ func TestRedisGroupRefusalAnswersEachIngest(t *testing.T) {
 		queued(ctx, h, now, sample{typ: "b", at: at - 3*86400*1_000_000, value: 7}), // past every resolution
 		queued(ctx, h, now, sample{typ: "c", at: at, value: 8}),
 	}
-	errs := rs.commit(group)
+	errs := settleGroup(rs, group)
 	var tt *tooManyTypesError
 	var ts *tooManySeriesError
 	var to *tooOldError
@@ -191,7 +201,7 @@ func TestRedisGroupDropsIngestsPastTheirDeadline(t *testing.T) {
 		late,
 		queued(ended, h, now, sample{typ: "gone", at: at, value: 1}),
 	}
-	errs := rs.commit(group)
+	errs := settleGroup(rs, group)
 	if errs[0] != nil || !errors.Is(errs[1], errQueuedPastFence) || !errors.Is(errs[2], context.Canceled) {
 		t.Fatalf("answers %v; want nil, %v, %v", errs, errQueuedPastFence, context.Canceled)
 	}
@@ -292,7 +302,7 @@ func TestRedisGroupRetriesWithinTheirFences(t *testing.T) {
 	if _, err := c.Do("CLIENT", "PAUSE", "300", "WRITE"); err != nil {
 		t.Fatal(err)
 	}
-	errs := rs.commit(group)
+	errs := settleGroup(rs, group)
 	if errs[0] != nil || !errors.Is(errs[1], errQueuedPastFence) || errs[2] != nil {
 		t.Fatalf("answers %v; want nil, %v, nil", errs, errQueuedPastFence)
 	}
@@ -315,7 +325,7 @@ func TestRedisGroupBadKeyFailsOnlyItsIngest(t *testing.T) {
 	}
 	ctx, now, h := context.Background(), e.clock.now(), e.cfg.Retention
 	at := now.UnixMicro()
-	errs := rs.commit([]*queuedIngest{queued(ctx, h, now, sample{typ: "good", at: at, value: 1}),
+	errs := settleGroup(rs, []*queuedIngest{queued(ctx, h, now, sample{typ: "good", at: at, value: 1}),
 		queued(ctx, h, now, sample{typ: "bad", at: at, value: 1}), queued(ctx, h, now, sample{typ: "good", at: at, value: 2})})
 	if errs[0] != nil || errs[1] == nil || refused(errs[1]) || errs[2] != nil {
 		t.Fatalf("answers %v; want nil, a store error, nil", errs)
@@ -356,7 +366,7 @@ func TestRedisGroupKeepsEachSeriesUntil(t *testing.T) {
 			}
 			group = append(group, queued(ctx, h, grouped.clock.now(), s))
 			if i%20 == 19 {
-				for _, err := range grouped.b.store.(*redisStore).commit(group) {
+				for _, err := range settleGroup(grouped.b.store.(*redisStore), group) {
 					if err != nil {
 						t.Fatal(err)
 					}

@@ -52,27 +52,50 @@ func decide(n int64, limit int, reset time.Duration) decision {
 	}
 }
 
-// rateLimited applies lim to next, before next reads the body, and sets
-// the X-RateLimit headers on every response. When the limiter's store
-// fails, the request goes on (failClosed false) or gets 503.
-//
-// fail answers the limiter's own errors: writeError, or the InfluxDB form
-// on its write endpoints.
-func rateLimited(log *slog.Logger, cfg config, tel *telemetry, lim limiter, now func() time.Time, fail func(http.ResponseWriter, int, string), next http.Handler) http.Handler {
+// writeGate is what a write passes before its body is read: the token
+// check, when AUTH_TOKENS is set, and the rate limit, per token at
+// TOKEN_RATE_LIMIT for a valid token and per client address at RATE_LIMIT
+// otherwise (a wrong token counts against its address, then gets 401).
+// Every response carries the X-RateLimit headers.
+type writeGate struct {
+	log      *slog.Logger
+	cfg      config
+	tel      *telemetry
+	clients  limiter // per address
+	perToken limiter // per valid token; nil without AUTH_TOKENS
+	tokens   *tokenSet
+	now      func() time.Time
+}
+
+// guard applies the gate to next. credential finds the request's token;
+// fail answers the gate's own errors (writeError, or the InfluxDB form).
+// When the limiter's store fails, the request goes on
+// (RATE_LIMIT_FAIL_CLOSED=false) or gets 503.
+func (g *writeGate) guard(credential func(*http.Request) string, fail func(http.ResponseWriter, int, string), challenge string, next http.Handler) http.Handler {
 	var lastLogged atomic.Int64
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		t := now()
-		d, err := lim.allow(r.Context(), clientKey(r, cfg.TrustedProxies), t)
+		t := g.now()
+		lim, key, limit, authorized := g.clients, "", g.cfg.RateLimit, true
+		if g.tokens.enabled() {
+			var id string
+			if id, authorized = g.tokens.match(credential(r)); authorized {
+				lim, key, limit = g.perToken, "token:"+id, g.cfg.TokenRateLimit
+			}
+		}
+		if key == "" {
+			key = clientKey(r, g.cfg.TrustedProxies)
+		}
+		d, err := lim.allow(r.Context(), key, t)
 		if err != nil {
-			tel.rateLimitStoreErrs.Add(1)
+			g.tel.rateLimitStoreErrs.Add(1)
 			// Logged at most once a second: during an outage every request
 			// fails the same way.
 			if sec := t.Unix(); lastLogged.Swap(sec) != sec {
-				log.Warn("rate limiter store unavailable", "err", err, "fail_closed", cfg.RateLimitFailClosed)
+				g.log.Warn("rate limiter store unavailable", "err", err, "fail_closed", g.cfg.RateLimitFailClosed)
 			}
-			_, reset := windowOf(t, cfg.RateWindow)
+			_, reset := windowOf(t, g.cfg.RateWindow)
 			// Nothing was counted, so the whole limit is shown as remaining.
-			d = decision{allowed: true, limit: cfg.RateLimit, remaining: cfg.RateLimit, reset: reset}
+			d = decision{allowed: true, limit: limit, remaining: limit, reset: reset}
 		}
 		// Set directly in canonical form, as Header.Set would store them,
 		// without canonicalising on every request.
@@ -82,13 +105,16 @@ func rateLimited(log *slog.Logger, cfg config, tel *telemetry, lim limiter, now 
 		resetSecs := strconv.FormatInt(ceilSeconds(d.reset), 10)
 		h["X-Ratelimit-Reset"] = []string{resetSecs}
 		switch {
-		case err != nil && cfg.RateLimitFailClosed:
+		case err != nil && g.cfg.RateLimitFailClosed:
 			h.Set("Retry-After", "1")
 			fail(w, http.StatusServiceUnavailable, "rate limiter unavailable, try again shortly")
 		case !d.allowed:
-			tel.rateLimitRejected.Add(1)
+			g.tel.rateLimitRejected.Add(1)
 			h.Set("Retry-After", resetSecs)
 			fail(w, http.StatusTooManyRequests, "Too many requests")
+		case !authorized:
+			h.Set("WWW-Authenticate", challenge)
+			fail(w, http.StatusUnauthorized, "a token from AUTH_TOKENS is needed: Authorization: "+challenge+" <token>")
 		default:
 			next.ServeHTTP(w, r)
 		}

@@ -113,9 +113,12 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 type backend struct {
 	store   metricStore
 	reader  *reader
-	limiter limiter
-	ping    func(context.Context) error
-	now     func() time.Time
+	limiter limiter // per client address, at RATE_LIMIT
+	// tokenLimiter counts the writes of each valid token, at
+	// TOKEN_RATE_LIMIT.
+	tokenLimiter limiter
+	ping         func(context.Context) error
+	now          func() time.Time
 	// hub sends the live streams what ingests add. announce hands it an
 	// acknowledged ingest, in process; nil for Redis, whose ingest script
 	// publishes to every instance's subscriber, which listen runs (nil
@@ -153,6 +156,7 @@ func newMemoryBackend(cfg config, now func() time.Time) backend {
 	s := newMemoryStore(cfg.Retention, cfg.MaxTypes, cfg.MaxSeries)
 	c := newMemoryCacheStore(s.version, cfg.CacheTTL, cfg.CacheMaxEntries, now)
 	lim := newMemoryLimiter(cfg.RateLimit, cfg.RateWindow)
+	tokenLim := newMemoryLimiter(cfg.TokenRateLimit, cfg.RateWindow)
 	h := newHub(cfg.MaxStreams)
 	return backend{
 		hub: h,
@@ -161,15 +165,17 @@ func newMemoryBackend(cfg config, now func() time.Time) backend {
 				h.publish(updatesOf(batches, t.Unix(), cfg.Retention))
 			}
 		},
-		store:   s,
-		reader:  &reader{store: s, cache: newReadCache(c), horizon: cfg.Retention, now: now},
-		limiter: lim,
-		ping:    func(context.Context) error { return nil },
-		now:     now,
+		store:        s,
+		reader:       &reader{store: s, cache: newReadCache(c), horizon: cfg.Retention, now: now},
+		limiter:      lim,
+		tokenLimiter: tokenLim,
+		ping:         func(context.Context) error { return nil },
+		now:          now,
 		sweep: func(t time.Time) {
 			s.sweep(t)
 			c.sweep(t)
 			lim.sweep(t)
+			tokenLim.sweep(t)
 		},
 	}
 }
@@ -189,12 +195,13 @@ func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time
 				retryFirst: 100 * time.Millisecond, retryMax: time.Second}
 			sub.run(ctx)
 		},
-		store:   s,
-		reader:  &reader{store: s, cache: newReadCache(newRedisCacheStore(pool, k, cfg.CacheTTL, cfg.CacheMaxEntries)), horizon: cfg.Retention, now: now},
-		limiter: newRedisLimiter(pool, prefix, cfg.RateLimit, cfg.RateWindow, cfg.LimiterTimeout),
-		ping:    pool.ping,
-		now:     now,
-		compact: s.compact,
+		store:        s,
+		reader:       &reader{store: s, cache: newReadCache(newRedisCacheStore(pool, k, cfg.CacheTTL, cfg.CacheMaxEntries)), horizon: cfg.Retention, now: now},
+		limiter:      newRedisLimiter(pool, prefix, cfg.RateLimit, cfg.RateWindow, cfg.LimiterTimeout),
+		tokenLimiter: newRedisLimiter(pool, prefix, cfg.TokenRateLimit, cfg.RateWindow, cfg.LimiterTimeout),
+		ping:         pool.ping,
+		now:          now,
+		compact:      s.compact,
 	}
 }
 
@@ -215,16 +222,17 @@ func newHandler(log *slog.Logger, cfg config, tel *telemetry, b backend) http.Ha
 		mux.Handle(pattern, h)
 	}
 	handle("GET /health", handleHealth(log, b.ping))
-	handle("POST /api/metrics", rateLimited(log, cfg, tel, b.limiter, b.now, writeError, handleIngest(log, cfg, tel, b.store, b.announce, b.now)))
+	gate := &writeGate{log: log, cfg: cfg, tel: tel, clients: b.limiter, perToken: b.tokenLimiter, tokens: newTokenSet(cfg.AuthTokens), now: b.now}
+	handle("POST /api/metrics", gate.guard(bearerToken, writeError, "Bearer", handleIngest(log, cfg, tel, b.store, b.announce, b.now)))
 	// The InfluxDB write APIs, v1 and v2: one handler, one limit.
-	lines := rateLimited(log, cfg, tel, b.limiter, b.now, writeInfluxError, handleLineProtocol(log, cfg, tel, b.store, b.announce, b.now))
+	lines := gate.guard(influxToken, writeInfluxError, "Token", handleLineProtocol(log, cfg, tel, b.store, b.announce, b.now))
 	handle("POST /write", lines)
 	handle("POST /api/v2/write", lines)
-	handle("GET /api/metrics/summary", handleSummary(log, b.reader))
-	handle("GET /api/metrics/series", handleSeries(log, b.reader))
-	handle("GET /api/metrics/types", handleTypes(log, b.reader))
-	handle("GET /api/metrics/labels", handleLabels(log, b.reader))
-	handle("GET /api/metrics/stream", handleStream(log, b.hub))
+	handle("GET /api/metrics/summary", readGate(cfg, gate.tokens, handleSummary(log, b.reader)))
+	handle("GET /api/metrics/series", readGate(cfg, gate.tokens, handleSeries(log, b.reader)))
+	handle("GET /api/metrics/types", readGate(cfg, gate.tokens, handleTypes(log, b.reader)))
+	handle("GET /api/metrics/labels", readGate(cfg, gate.tokens, handleLabels(log, b.reader)))
+	handle("GET /api/metrics/stream", readGate(cfg, gate.tokens, handleStream(log, b.hub)))
 	handle("GET /{$}", handleDashboard())
 	handle("GET /assets/{file}", handleDashboard())
 	handle("GET /external", handleExternal(log, brk, newExternalService(cfg), cfg.ExternalTimeout))

@@ -15,12 +15,45 @@ const SVG = 'http://www.w3.org/2000/svg';
 const state = {range: '5m', charts: new Map()};
 const $ = (sel, el = document) => el.querySelector(sel);
 
-async function api(path) {
-  const res = await fetch(path, {headers: {Accept: 'application/json'}});
-  const body = await res.json().catch(() => ({}));
-  if (!res.ok) throw new Error(body.detail || res.statusText);
-  return body;
+// With AUTH_READS the service wants a token for every read: asked for once
+// a read answers 401, kept for this tab, and sent with every read (in the
+// query for the stream, whose browser API sends no headers).
+const TOKEN_KEY = 'analytics-token';
+const token = () => sessionStorage.getItem(TOKEN_KEY) || '';
+
+function headers() {
+  const h = {Accept: 'application/json'};
+  if (token()) h.Authorization = 'Bearer ' + token();
+  return h;
 }
+
+// read fetches path, asking for a token on a 401.
+async function read(path) {
+  const res = await fetch(path, {headers: headers()});
+  const body = await res.json().catch(() => ({}));
+  if (res.status === 401) askToken(token() ? 'That token was refused.' : 'This dashboard needs a token to read.');
+  if (!res.ok) throw new Error(body.detail || res.statusText);
+  return {res, body};
+}
+
+async function api(path) {
+  return (await read(path)).body;
+}
+
+function askToken(why) {
+  $('#token-why').textContent = why;
+  $('#token-form').hidden = false;
+}
+
+$('#token-form').addEventListener('submit', e => {
+  e.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $('#token').value.trim());
+  $('#token').value = '';
+  $('#token-form').hidden = true;
+  connect();
+  loadTypes();
+  reloadAll();
+});
 
 const seconds = iso => Date.parse(iso) / 1000;
 const emptyPoint = t => ({t, count: 0, sum: 0});
@@ -102,9 +135,7 @@ class Chart {
     this.svg.dataset.fetches = String(Number(this.svg.dataset.fetches) + 1);
     try {
       const sent = Date.now();
-      const res = await fetch('api/metrics/series?' + this.query(), {headers: {Accept: 'application/json'}});
-      const body = await res.json().catch(() => ({}));
-      if (!res.ok) throw new Error(body.detail || res.statusText);
+      const {res, body} = await read('api/metrics/series?' + this.query());
       const date = Date.parse(res.headers.get('Date'));
       if (date) this.skew = (date - (sent + Date.now()) / 2) / 1000;
       if (seq !== this.seq) return; // a newer load is on its way
@@ -342,9 +373,11 @@ function setStatus(st, text) {
 }
 
 let connectedOnce = false;
+let stream = null;
 
 function connect() {
-  const es = new EventSource('api/metrics/stream');
+  if (stream) stream.close();
+  const es = stream = new EventSource('api/metrics/stream' + (token() ? '?access_token=' + encodeURIComponent(token()) : ''));
   es.addEventListener('hello', () => {
     setStatus('live', 'Live');
     // What happened while disconnected came as no event: read it again.
@@ -368,7 +401,7 @@ function connect() {
     setStatus('disconnected', 'Disconnected: reconnecting…');
     // EventSource retries by itself, except after an answer that is not a
     // stream (such as 503 for too many streams).
-    if (es.readyState === EventSource.CLOSED) setTimeout(connect, 5000);
+    if (es.readyState === EventSource.CLOSED) setTimeout(() => { if (stream === es) connect(); }, 5000);
   };
 }
 
