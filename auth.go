@@ -1,16 +1,19 @@
 package main
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"crypto/subtle"
-	"encoding/hex"
 	"net/http"
+	"slices"
+	"strconv"
 	"strings"
 )
 
 // tokenSet is AUTH_TOKENS: the tokens a write may carry. It keeps their
-// SHA-256 digests, so comparing costs the same whatever a guess's length
-// or how much of it matches, and no token is kept in the clear past start.
+// SHA-256 digests, in order, so comparing costs the same whatever a
+// guess's length or how much of it matches, and no token is kept in the
+// clear past start.
 type tokenSet struct {
 	digests [][sha256.Size]byte
 }
@@ -20,6 +23,8 @@ func newTokenSet(tokens []string) *tokenSet {
 	for _, t := range tokens {
 		s.digests = append(s.digests, sha256.Sum256([]byte(t)))
 	}
+	slices.SortFunc(s.digests, func(a, b [sha256.Size]byte) int { return bytes.Compare(a[:], b[:]) })
+	s.digests = slices.Compact(s.digests)
 	return s
 }
 
@@ -27,29 +32,37 @@ func newTokenSet(tokens []string) *tokenSet {
 func (s *tokenSet) enabled() bool { return s != nil && len(s.digests) > 0 }
 
 // match reports whether given is one of the tokens, comparing with every
-// one of them each time, and names it by its digest's first 16 hex digits:
-// what the rate limit counts it under, never the token itself.
+// one of them each time, and names it by its place among their digests:
+// what the rate limit counts it under, so that nothing derived from a
+// token is written anywhere, and instances with the same AUTH_TOKENS,
+// in any order, agree on it.
 func (s *tokenSet) match(given string) (id string, ok bool) {
 	if given == "" {
 		return "", false
 	}
 	d := sha256.Sum256([]byte(given))
-	found := 0
-	for _, t := range s.digests {
-		found |= subtle.ConstantTimeCompare(d[:], t[:])
+	at := -1
+	for i, t := range s.digests {
+		if subtle.ConstantTimeCompare(d[:], t[:]) == 1 {
+			at = i
+		}
 	}
-	if found == 0 {
+	if at < 0 {
 		return "", false
 	}
-	return hex.EncodeToString(d[:8]), true
+	return strconv.Itoa(at), true
 }
 
 // readGate makes the reads need a token when AUTH_READS is set: an
 // Authorization: Bearer header or, for the event stream, whose browser
 // API cannot send headers, an access_token query parameter. Without
 // AUTH_READS it is next itself.
-func readGate(cfg config, tokens *tokenSet, next http.Handler) http.Handler {
-	if !cfg.AuthReads || !tokens.enabled() {
+//
+// A read without a valid token counts against its address's rate limit, as
+// a write does, so reads are no faster a way to guess a token; past the
+// limit it is 429.
+func (g *writeGate) readGate(next http.Handler) http.Handler {
+	if !g.cfg.AuthReads || !g.tokens.enabled() {
 		return next
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -57,12 +70,19 @@ func readGate(cfg config, tokens *tokenSet, next http.Handler) http.Handler {
 		if t == "" {
 			t = r.URL.Query().Get("access_token")
 		}
-		if _, ok := tokens.match(t); !ok {
-			w.Header().Set("WWW-Authenticate", "Bearer")
-			writeError(w, http.StatusUnauthorized, "a token from AUTH_TOKENS is needed to read (AUTH_READS): Authorization: Bearer <token>")
+		if _, ok := g.tokens.match(t); ok {
+			next.ServeHTTP(w, r)
 			return
 		}
-		next.ServeHTTP(w, r)
+		d, err := g.clients.allow(r.Context(), clientKey(r, g.cfg.TrustedProxies), g.now())
+		if err == nil && !d.allowed {
+			g.tel.rateLimitRejected.Add(1)
+			w.Header().Set("Retry-After", strconv.FormatInt(ceilSeconds(d.reset), 10))
+			writeError(w, http.StatusTooManyRequests, "Too many requests")
+			return
+		}
+		w.Header().Set("WWW-Authenticate", "Bearer")
+		writeError(w, http.StatusUnauthorized, "a token from AUTH_TOKENS is needed to read (AUTH_READS): Authorization: Bearer <token>")
 	})
 }
 

@@ -3,6 +3,8 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -131,8 +133,9 @@ func TestAuthTokens(t *testing.T) {
 			seen += strings.Join(ks, "\n")
 		}
 		for _, tok := range []string{tokenA, tokenB} {
-			if strings.Contains(seen, tok) {
-				t.Errorf("token %s appears in the log, /metrics or a Redis key", tok)
+			d := sha256.Sum256([]byte(tok))
+			if strings.Contains(seen, tok) || strings.Contains(seen, hex.EncodeToString(d[:4])) {
+				t.Errorf("token %s, or its digest, appears in the log, /metrics or a Redis key", tok)
 			}
 		}
 	})
@@ -140,7 +143,7 @@ func TestAuthTokens(t *testing.T) {
 
 func TestAuthReads(t *testing.T) {
 	forEachStore(t, func(c *config) {
-		c.AuthTokens, c.AuthReads = []string{tokenA}, true
+		c.AuthTokens, c.AuthReads, c.RateLimit = []string{tokenA}, true, 20
 	}, func(t *testing.T, e storeEnv) {
 		base, logs := serveLogged(t, e.cfg, e.b)
 		if r := authed(t, "POST", base+"/api/metrics", metricBody("cpu", sampleTime, 1), "Authorization", "Bearer "+tokenA); r.status != 201 {
@@ -159,6 +162,15 @@ func TestAuthReads(t *testing.T) {
 			if r := authed(t, "GET", base+path, "", "Authorization", "Bearer "+tokenA); r.status != 200 {
 				t.Errorf("GET %s with the token = %d %s", path, r.status, r.body)
 			}
+		}
+		// Each refused read counted against the address (RATE_LIMIT is 20
+		// here): guessing by reading is as slow as by writing.
+		r := authed(t, "GET", base+"/api/metrics/types", "")
+		for range 20 {
+			r = authed(t, "GET", base+"/api/metrics/types", "", "Authorization", "Bearer guess")
+		}
+		if r.status != 429 {
+			t.Errorf("the 21st refused read = %d %s, want 429", r.status, r.body)
 		}
 		// The stream takes the token in its query, as EventSource can send
 		// no header.
@@ -189,8 +201,9 @@ func TestAuthConfig(t *testing.T) {
 		want string
 	}{
 		{map[string]string{"AUTH_READS": "true"}, "AUTH_READS"},
-		{map[string]string{"AUTH_TOKENS": "good-one,bad one"}, "AUTH_TOKENS: token 2"},
-		{map[string]string{"AUTH_TOKENS": "good-one,,x"}, "AUTH_TOKENS: token 2"},
+		{map[string]string{"AUTH_TOKENS": "good-one-16-chars,bad one with spaces"}, "AUTH_TOKENS: token 2"},
+		{map[string]string{"AUTH_TOKENS": "good-one-16-chars,,xxxxxxxxxxxxxxxxxx"}, "AUTH_TOKENS: token 2"},
+		{map[string]string{"AUTH_TOKENS": "good-one-16-chars,too-short"}, "AUTH_TOKENS: token 2 of the list must be 16 to 256"},
 	} {
 		_, err := loadConfig(func(k string) string { return c.env[k] })
 		if err == nil || !strings.Contains(err.Error(), c.want) || strings.Contains(err.Error(), "good-one") {
@@ -198,9 +211,9 @@ func TestAuthConfig(t *testing.T) {
 		}
 	}
 	cfg, err := loadConfig(func(k string) string {
-		return map[string]string{"AUTH_TOKENS": " a-token , b-token ", "AUTH_READS": "true", "TOKEN_RATE_LIMIT": "50"}[k]
+		return map[string]string{"AUTH_TOKENS": " a-token-of-16-chars , b-token-of-16-chars ", "AUTH_READS": "true", "TOKEN_RATE_LIMIT": "50"}[k]
 	})
-	if err != nil || len(cfg.AuthTokens) != 2 || cfg.AuthTokens[1] != "b-token" || !cfg.AuthReads || cfg.TokenRateLimit != 50 {
+	if err != nil || len(cfg.AuthTokens) != 2 || cfg.AuthTokens[1] != "b-token-of-16-chars" || !cfg.AuthReads || cfg.TokenRateLimit != 50 {
 		t.Errorf("config = %+v, %v", cfg, err)
 	}
 	if cfg, _ := loadConfig(func(string) string { return "" }); cfg.TokenRateLimit != 1000 || cfg.AuthTokens != nil {

@@ -157,6 +157,10 @@ func (p *envParser) integer(name, def string, lo, hi int) int {
 	return n
 }
 
+// minTokenLen keeps tokens too long to guess, given that every guess
+// costs one of an address's RATE_LIMIT requests.
+const minTokenLen = 16
+
 // tokens reads a comma-separated list of secrets. Its errors never show
 // the value.
 func (p *envParser) tokens(name string) []string {
@@ -167,12 +171,12 @@ func (p *envParser) tokens(name string) []string {
 	var out []string
 	for i, t := range strings.Split(v, ",") {
 		t = strings.TrimSpace(t)
-		ok := len(t) > 0 && len(t) <= 256
+		ok := len(t) >= minTokenLen && len(t) <= 256
 		for j := 0; j < len(t) && ok; j++ {
 			ok = t[j] > ' ' && t[j] < 0x7f
 		}
 		if !ok {
-			p.errs = append(p.errs, fmt.Errorf("%s: token %d of the list must be 1 to 256 printable ASCII characters without spaces (the value is not shown)", name, i+1))
+			p.errs = append(p.errs, fmt.Errorf("%s: token %d of the list must be %d to 256 printable ASCII characters without spaces (the value is not shown)", name, i+1, minTokenLen))
 			continue
 		}
 		out = append(out, t)

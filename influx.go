@@ -28,7 +28,8 @@ import (
 
 // linePrecisions maps each precision the two APIs name to its factor to
 // microseconds; a negative factor divides.
-var linePrecisions = map[string]int64{"": -1000, "n": -1000, "ns": -1000, "u": 1, "us": 1, "ms": 1000, "s": 1_000_000}
+var linePrecisions = map[string]int64{"": -1000, "n": -1000, "ns": -1000, "u": 1, "us": 1, "ms": 1000, "s": 1_000_000,
+	"m": 60_000_000, "h": 3_600_000_000} // v1's minutes and hours too
 
 // lineSamples is a line protocol body's samples with, for each, the number
 // of its line (from 1).
@@ -43,31 +44,46 @@ type lineSamples struct {
 // maxBatch samples.
 func parseLineProtocol(body []byte, scale, now int64, maxBatch int) (lineSamples, error) {
 	var out lineSamples
-	for n := 1; len(body) > 0; n++ {
-		line := body
-		if i := bytes.IndexByte(body, '\n'); i >= 0 {
-			line, body = body[:i], body[i+1:]
-		} else {
-			body = nil
-		}
+	for n := 1; len(body) > 0; {
+		line, rest := nextLine(body)
+		at := n
+		n += 1 + bytes.Count(line, []byte{'\n'}) // a string may hold newlines
+		body = rest
 		line = bytes.TrimRight(bytes.TrimLeft(line, " \t"), " \t\r")
 		if len(line) == 0 || line[0] == '#' {
 			continue
 		}
 		before := len(out.samples)
 		var err error
-		out.samples, err = parseLine(line, scale, now, out.samples)
-		if err != nil {
-			return lineSamples{}, fmt.Errorf("line %d: %w", n, err)
+		if out.samples, err = parseLine(line, scale, now, maxBatch-before, out.samples); err != nil {
+			return lineSamples{}, fmt.Errorf("line %d: %w", at, err)
 		}
 		for range len(out.samples) - before {
-			out.lines = append(out.lines, n)
-		}
-		if len(out.samples) > maxBatch {
-			return lineSamples{}, fmt.Errorf("line %d: more than the limit of %d samples in one request", n, maxBatch)
+			out.lines = append(out.lines, at)
 		}
 	}
 	return out, nil
+}
+
+// nextLine cuts the first line off body: up to a newline that is neither
+// escaped nor inside a string field's quotes.
+func nextLine(body []byte) (line, rest []byte) {
+	fields, quoted := false, false
+	for i := 0; i < len(body); i++ {
+		switch c := body[i]; {
+		case c == '\\':
+			i++ // whatever it escapes
+		case quoted:
+			quoted = c != '"'
+		case c == '\n':
+			return body[:i], body[i+1:]
+		case c == ' ':
+			fields = true
+		case fields && c == '"' && i > 0 && body[i-1] == '=':
+			quoted = true
+		}
+	}
+	return body, nil
 }
 
 // token scans from s[i] to the first of the unescaped bytes in stops, or
@@ -101,8 +117,9 @@ func unescape(s []byte, specials string) string {
 	return string(out)
 }
 
-// parseLine appends one line's samples to out.
-func parseLine(s []byte, scale, now int64, out []sample) ([]sample, error) {
+// parseLine appends one line's samples to out, failing past budget of
+// them.
+func parseLine(s []byte, scale, now int64, budget int, out []sample) ([]sample, error) {
 	measurement, i := token(s, 0, ", ")
 	if measurement == "" {
 		return out, errors.New("the measurement is missing")
@@ -145,6 +162,7 @@ func parseLine(s []byte, scale, now int64, out []sample) ([]sample, error) {
 		value float64
 	}
 	var fields []field
+	seen := map[string]int{} // each field's place in fields
 	for {
 		var name string
 		name, i = token(s, i, ",= ")
@@ -160,12 +178,12 @@ func parseLine(s []byte, scale, now int64, out []sample) ([]sample, error) {
 		}
 		if numeric {
 			// A field named twice counts once, with its last value.
-			fields = append(fields, field{name, v})
-			for k := range len(fields) - 1 {
-				if fields[k].name == name {
-					fields = append(fields[:k], fields[k+1:]...)
-					break
-				}
+			if k, ok := seen[name]; ok {
+				fields[k].value = v
+			} else if seen[name] = len(fields); len(fields) == budget {
+				return out, fmt.Errorf("more than the limit of %d samples in one request", budget+len(out))
+			} else {
+				fields = append(fields, field{name, v})
 			}
 		}
 		if i >= len(s) || s[i] != ',' {

@@ -55,6 +55,10 @@ func TestLineProtocolParse(t *testing.T) {
 		{"comments, blank lines, CRLF, spaces", "s", "# a comment\n\n  cpu value=1 1735725600\r\n\t\nmem value=2 1735725600\n# end",
 			[]sample{{typ: "cpu", at: at("2025-01-01T10:00:00Z"), value: 1}, {typ: "mem", at: at("2025-01-01T10:00:00Z"), value: 2}}, []int{3, 5}},
 		{"a field named twice: the last", "s", "cpu value=1,value=2 1735725600", []sample{{typ: "cpu", at: at("2025-01-01T10:00:00Z"), value: 2}}, []int{1}},
+		{"a newline inside a string", "s", "cpu msg=\"two\nlines \\\" and\nthree\",value=1 1735725600\nmem value=2 1735725600",
+			[]sample{{typ: "cpu", at: at("2025-01-01T10:00:00Z"), value: 1}, {typ: "mem", at: at("2025-01-01T10:00:00Z"), value: 2}}, []int{1, 4}},
+		{"v1 precision h", "h", "cpu value=1 482146", []sample{{typ: "cpu", at: at("2025-01-01T10:00:00Z"), value: 1}}, []int{1}},
+		{"v1 precision m", "m", "cpu value=1 28928760", []sample{{typ: "cpu", at: at("2025-01-01T10:00:00Z"), value: 1}}, []int{1}},
 		{"an equals sign in the measurement", "s", "cpu=x value=1 1735725600", nil, nil}, // refused below: not a type
 	} {
 		if c.name == "an equals sign in the measurement" {
@@ -100,6 +104,18 @@ func TestLineProtocolParse(t *testing.T) {
 	}
 	if _, err := parseLineProtocol([]byte(strings.Repeat("cpu a=1,b=2\n", 6)), linePrecisions["s"], 0, 10); err == nil || !strings.Contains(err.Error(), "line 6: more than the limit of 10") {
 		t.Errorf("12 samples at a limit of 10: %v", err)
+	}
+	// A megabyte line of distinct fields stops at the limit: its last
+	// field, which is bad, is never read.
+	var wide strings.Builder
+	wide.WriteString("m ")
+	for i := range 100_000 {
+		fmt.Fprintf(&wide, "f%06d=1,", i)
+	}
+	wide.WriteString("bad=x")
+	_, err := parseLineProtocol([]byte(wide.String()), 1, 0, 10_000)
+	if err == nil || !strings.Contains(err.Error(), "line 1: more than the limit of 10000") {
+		t.Errorf("100,000 fields at a limit of 10,000: %v", err)
 	}
 }
 
@@ -168,7 +184,7 @@ func TestLineProtocolWrite(t *testing.T) {
 			status           int
 			header           []string
 		}{
-			{"/api/v2/write?precision=h", "x value=1", "invalid", 400, nil},
+			{"/api/v2/write?precision=w", "x value=1", "invalid", 400, nil},
 			{"/api/v2/write", "x value=1", "unsupported media type", 415, []string{"Content-Encoding", "br"}},
 			{"/api/v2/write", "not gzip", "invalid", 400, []string{"Content-Encoding", "gzip"}},
 			{"/api/v2/write", strings.Repeat("x", int(e.cfg.MaxBodyBytes)+1), "request too large", 413, nil},

@@ -401,7 +401,11 @@ function connect() {
     setStatus('disconnected', 'Disconnected: reconnecting…');
     // EventSource retries by itself, except after an answer that is not a
     // stream (such as 503 for too many streams).
-    if (es.readyState === EventSource.CLOSED) setTimeout(() => { if (stream === es) connect(); }, 5000);
+    // A refused token is one such answer: a read shows why, and asks.
+    if (es.readyState === EventSource.CLOSED) {
+      if (token()) read('api/metrics/types').catch(() => {});
+      setTimeout(() => { if (stream === es) connect(); }, 5000);
+    }
   };
 }
 
