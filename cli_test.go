@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -97,5 +98,30 @@ func TestBinaryCommandLine(t *testing.T) {
 		if code != c.code || !strings.Contains(string(out), c.want) {
 			t.Errorf("%q: exit %d with %q; want %d with %q", c.args, code, out, c.code, c.want)
 		}
+	}
+}
+
+// TestComposePassesEveryVariable: docker-compose.yml hands the service
+// every variable of .env.example from the shell or a .env file, but for
+// the store and the addresses, which it sets itself.
+func TestComposePassesEveryVariable(t *testing.T) {
+	compose, err := os.ReadFile("docker-compose.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fixed := map[string]bool{"ADDR": true, "STORE": true, "REDIS_URL": true, "REDIS_HOST": true, "REDIS_PORT": true}
+	n := 0
+	for line := range strings.Lines(envExample) {
+		name, _, ok := strings.Cut(strings.TrimSpace(line), "=")
+		if !ok || strings.HasPrefix(name, "#") || fixed[name] {
+			continue
+		}
+		n++
+		if want := "      " + name + ": ${" + name + ":-}\n"; !strings.Contains(string(compose), want) {
+			t.Errorf("docker-compose.yml does not pass %s (want the line %q)", name, want)
+		}
+	}
+	if n < 20 {
+		t.Fatalf("only %d variables in .env.example", n)
 	}
 }
