@@ -31,6 +31,10 @@ import (
 var linePrecisions = map[string]int64{"": -1000, "n": -1000, "ns": -1000, "u": 1, "us": 1, "ms": 1000, "s": 1_000_000,
 	"m": 60_000_000, "h": 3_600_000_000} // v1's minutes and hours too
 
+// errTooManySamples is a body with more than MAX_BATCH samples: a limit,
+// 422, as for a batch of POST /api/metrics, not a malformed line.
+var errTooManySamples = errors.New("more than the limit")
+
 // lineSamples is a line protocol body's samples with, for each, the number
 // of its line (from 1).
 type lineSamples struct {
@@ -181,7 +185,7 @@ func parseLine(s []byte, scale, now int64, budget int, out []sample) ([]sample, 
 			if k, ok := seen[name]; ok {
 				fields[k].value = v
 			} else if seen[name] = len(fields); len(fields) == budget {
-				return out, fmt.Errorf("more than the limit of %d samples in one request", budget+len(out))
+				return out, fmt.Errorf("%w of %d samples in one request", errTooManySamples, budget+len(out))
 			} else {
 				fields = append(fields, field{name, v})
 			}
@@ -246,13 +250,15 @@ func fieldValue(s []byte, i int) (v float64, numeric bool, end int, err error) {
 		return 0, false, end, errors.New("the value is missing")
 	}
 	switch last := text[len(text)-1]; {
-	case last == 'i':
+	// An integer's suffix follows something number-like; tru or 5xi
+	// fall through to the general refusal below.
+	case last == 'i' && floatSyntax(text[:len(text)-1]):
 		n, perr := strconv.ParseInt(text[:len(text)-1], 10, 64)
 		if perr != nil {
 			return 0, false, end, fmt.Errorf("%q is not a 64-bit integer", truncate(text, 40))
 		}
 		return float64(n), true, end, nil
-	case last == 'u':
+	case last == 'u' && floatSyntax(text[:len(text)-1]):
 		n, perr := strconv.ParseUint(text[:len(text)-1], 10, 64)
 		if perr != nil {
 			return 0, false, end, fmt.Errorf("%q is not a 64-bit unsigned integer", truncate(text, 40))
@@ -324,7 +330,7 @@ func handleLineProtocol(log *slog.Logger, cfg config, tel *telemetry, store metr
 		t := now()
 		scale, ok := linePrecisions[r.URL.Query().Get("precision")]
 		if !ok {
-			writeInfluxError(w, http.StatusBadRequest, fmt.Sprintf("precision %q must be ns, us, ms or s", truncate(r.URL.Query().Get("precision"), 20)))
+			writeInfluxError(w, http.StatusBadRequest, fmt.Sprintf("precision %q must be ns, us, ms or s (or v1's n, u, m or h)", truncate(r.URL.Query().Get("precision"), 20)))
 			return
 		}
 		body, err := readLineBody(w, r, cfg.MaxBodyBytes)
@@ -336,7 +342,11 @@ func handleLineProtocol(log *slog.Logger, cfg config, tel *telemetry, store metr
 		}
 		ls, err := parseLineProtocol(body, scale, t.UnixMicro(), cfg.MaxBatch)
 		if err != nil {
-			writeInfluxError(w, http.StatusBadRequest, err.Error())
+			status := http.StatusBadRequest
+			if errors.Is(err, errTooManySamples) {
+				status = http.StatusUnprocessableEntity
+			}
+			writeInfluxError(w, status, err.Error())
 			return
 		}
 		if len(ls.samples) > 0 {
@@ -364,9 +374,10 @@ func readLineBody(w http.ResponseWriter, r *http.Request, maxBytes int64) ([]byt
 		return nil, tooLarge
 	}
 	var in io.Reader = http.MaxBytesReader(w, r.Body, maxBytes)
-	switch enc := r.Header.Get("Content-Encoding"); enc {
+	// Encodings are named without regard to case (RFC 9110, 8.4.1).
+	switch enc := strings.ToLower(strings.TrimSpace(r.Header.Get("Content-Encoding"))); enc {
 	case "", "identity":
-	case "gzip":
+	case "gzip", "x-gzip":
 		zr, err := gzip.NewReader(in)
 		if err != nil {
 			return nil, &requestError{http.StatusBadRequest, "the body is not gzip"}

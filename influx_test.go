@@ -85,6 +85,7 @@ func TestLineProtocolParse(t *testing.T) {
 		{"cpu value=1e999", `"1e999" is out of range`},
 		{"cpu value=1.5i", `"1.5i" is not a 64-bit integer`},
 		{"cpu value=-1u", `"-1u" is not a 64-bit unsigned integer`},
+		{"cpu value=tru", `"tru" is not a number, string or boolean`},
 		{`cpu value="open`, "a string has no closing quote"},
 		{"cpu,host= value=1", `tag "host" has an empty value`},
 		{"cpu,host value=1", `tag "host" has no value`},
@@ -176,8 +177,10 @@ func TestLineProtocolWrite(t *testing.T) {
 		zw := gzip.NewWriter(&zipped)
 		fmt.Fprintf(zw, "zipped value=5 %d\n", ts)
 		zw.Close()
-		if r := influxPost(t, base+"/api/v2/write?precision=s", zipped.String(), "Content-Encoding", "gzip"); r.status != 204 || count(t, e.b, "zipped") != 1 {
-			t.Errorf("gzipped body = %d %s", r.status, r.body)
+		for i, enc := range []string{"gzip", "GZip", "x-gzip"} {
+			if r := influxPost(t, base+"/api/v2/write?precision=s", zipped.String(), "Content-Encoding", enc); r.status != 204 || count(t, e.b, "zipped") != int64(i+1) {
+				t.Errorf("body with Content-Encoding %s = %d %s", enc, r.status, r.body)
+			}
 		}
 		for _, c := range []struct {
 			path, body, code string
@@ -186,6 +189,7 @@ func TestLineProtocolWrite(t *testing.T) {
 		}{
 			{"/api/v2/write?precision=w", "x value=1", "invalid", 400, nil},
 			{"/api/v2/write", "x value=1", "unsupported media type", 415, []string{"Content-Encoding", "br"}},
+			{"/api/v2/write?precision=s", strings.Repeat(fmt.Sprintf("many value=1 %d\n", ts), e.cfg.MaxBatch+1), "unprocessable entity", 422, nil},
 			{"/api/v2/write", "not gzip", "invalid", 400, []string{"Content-Encoding", "gzip"}},
 			{"/api/v2/write", strings.Repeat("x", int(e.cfg.MaxBodyBytes)+1), "request too large", 413, nil},
 			// MAX_TYPES is 6: cpu.usage, cpu.idle, zipped, then these three new ones and one more.
