@@ -109,7 +109,7 @@ func TestComposePassesEveryVariable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fixed := map[string]bool{"ADDR": true, "STORE": true, "REDIS_URL": true, "REDIS_HOST": true, "REDIS_PORT": true}
+	fixed := map[string]bool{"ADDR": true, "STORE": true, "REDIS_URL": true, "REDIS_HOST": true, "REDIS_PORT": true, "REDIS_CLUSTER": true}
 	n := 0
 	for line := range strings.Lines(envExample) {
 		name, _, ok := strings.Cut(strings.TrimSpace(line), "=")

@@ -111,6 +111,11 @@ func loadConfig(getenv func(string) string) (config, error) {
 		LogLevel: p.level("LOG_LEVEL", "info"),
 	}
 	c.RedisAddr, c.RedisDB, c.RedisUsername, c.RedisPassword = p.redis()
+	// Redis Cluster is not supported yet: starting on one of its nodes as
+	// if it were a single Redis would fail on every other slot.
+	if v := strings.TrimSpace(p.getenv("REDIS_CLUSTER")); v != "" {
+		p.errs = append(p.errs, errors.New("REDIS_CLUSTER: Redis Cluster is not supported yet; use REDIS_URL with a single Redis"))
+	}
 	if c.AuthReads && strings.TrimSpace(p.getenv("AUTH_TOKENS")) == "" {
 		p.fail("AUTH_READS", "true", "needs AUTH_TOKENS: the tokens reads would need")
 	}
