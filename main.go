@@ -240,6 +240,8 @@ func newHandler(log *slog.Logger, cfg config, tel *telemetry, b backend) http.Ha
 	// and move the breaker.
 	handle("HEAD /external", methodNotAllowed("GET"))
 	handle("GET /metrics", handleMetrics(tel, b.reader.cache, brk, b.hub))
+	handle("GET /openapi.json", handleOpenAPI())
+	handle("GET /docs", handleDocs())
 	return instrument(log, tel, mux, newCORSPolicy(cfg.CORSOrigins))
 }
 
