@@ -436,7 +436,9 @@ func (l *smallBufferListener) Accept() (net.Conn, error) {
 
 func TestStreamStalledClient(t *testing.T) {
 	forEachStore(t, nil, func(t *testing.T, e storeEnv) {
-		e.b.hub.writeTimeout = 4 * time.Second
+		// Long enough for the rounds below to pass the pending bound first,
+		// also on a machine short of CPU.
+		e.b.hub.writeTimeout = 6 * time.Second
 		base := liveServe(t, e, e.b, smallBuffers)
 		stalled(t, base)
 		reader := openStream(t, base+"/api/metrics/stream")
