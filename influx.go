@@ -70,8 +70,14 @@ func parseLineProtocol(body []byte, scale, now int64, maxBatch int) (lineSamples
 }
 
 // nextLine cuts the first line off body: up to a newline that is neither
-// escaped nor inside a string field's quotes.
+// escaped nor inside a string field's quotes; a comment ends at the first.
 func nextLine(body []byte) (line, rest []byte) {
+	if t := bytes.TrimLeft(body, " \t"); len(t) > 0 && t[0] == '#' {
+		if i := bytes.IndexByte(body, '\n'); i >= 0 {
+			return body[:i], body[i+1:]
+		}
+		return body, nil
+	}
 	fields, quoted := false, false
 	for i := 0; i < len(body); i++ {
 		switch c := body[i]; {

@@ -52,7 +52,7 @@ func TestLineProtocolParse(t *testing.T) {
 		{"precision ms", "ms", "cpu value=1 1735725600001", []sample{{typ: "cpu", at: at("2025-01-01T10:00:00.001Z"), value: 1}}, []int{1}},
 		{"precision us", "us", "cpu value=1 1735725600000001", []sample{{typ: "cpu", at: at("2025-01-01T10:00:00.000001Z"), value: 1}}, []int{1}},
 		{"before 1970, ns rounds down", "ns", "cpu value=1 -1500", []sample{{typ: "cpu", at: -2, value: 1}}, []int{1}},
-		{"comments, blank lines, CRLF, spaces", "s", "# a comment\n\n  cpu value=1 1735725600\r\n\t\nmem value=2 1735725600\n# end",
+		{"comments, blank lines, CRLF, spaces", "s", "# a comment, with x=\"an open quote\n\n  cpu value=1 1735725600\r\n\t\nmem value=2 1735725600\n# end",
 			[]sample{{typ: "cpu", at: at("2025-01-01T10:00:00Z"), value: 1}, {typ: "mem", at: at("2025-01-01T10:00:00Z"), value: 2}}, []int{3, 5}},
 		{"a field named twice: the last", "s", "cpu value=1,value=2 1735725600", []sample{{typ: "cpu", at: at("2025-01-01T10:00:00Z"), value: 2}}, []int{1}},
 		{"a newline inside a string", "s", "cpu msg=\"two\nlines \\\" and\nthree\",value=1 1735725600\nmem value=2 1735725600",
