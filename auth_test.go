@@ -2,16 +2,13 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
-	"time"
 
 	"github.com/gomodule/redigo/redis"
 )
@@ -21,52 +18,13 @@ const (
 	tokenB = "tok-B-0a8e44c6d1"
 )
 
-// lockedBuffer is a log sink tests can read while the server writes.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // serveLogged is serve with the log kept, at debug level.
-func serveLogged(t *testing.T, cfg config, b backend) (string, *lockedBuffer) {
-	logs := &lockedBuffer{}
+func serveLogged(t *testing.T, cfg config, b backend) (string, *syncBuffer) {
+	logs := &syncBuffer{}
 	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	srv := httptest.NewServer(newHandler(log, cfg, newTelemetry(), b))
 	t.Cleanup(srv.Close)
 	return srv.URL, logs
-}
-
-// authed sends a request with the given header pairs.
-func authed(t *testing.T, method, url, body string, header ...string) response {
-	t.Helper()
-	req, err := http.NewRequest(method, url, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := 0; i+1 < len(header); i += 2 {
-		req.Header.Set(header[i], header[i+1])
-	}
-	// Bounded: a stream served where a 401 was due would never end.
-	res, err := (&http.Client{Timeout: 5 * time.Second}).Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
-	var buf bytes.Buffer
-	buf.ReadFrom(res.Body)
-	return response{res.StatusCode, res.Header, buf.String()}
 }
 
 func TestAuthTokens(t *testing.T) {
@@ -77,18 +35,18 @@ func TestAuthTokens(t *testing.T) {
 		base, logs := serveLogged(t, e.cfg, e.b)
 		body := metricBody("cpu", sampleTime, 1)
 		for _, h := range [][]string{nil, {"Authorization", "Bearer wrong"}} {
-			r := authed(t, "POST", base+"/api/metrics", body, h...)
+			r := sendWith(t, "POST", base+"/api/metrics", body, h...)
 			if r.status != 401 || r.header.Get("WWW-Authenticate") != "Bearer" || !strings.Contains(r.body, `"detail":"a token from AUTH_TOKENS is needed`) || r.header.Get("X-Ratelimit-Limit") != "3" {
 				t.Errorf("POST with %v = %d %v %s, want 401 with a Bearer challenge", h, r.status, r.header, r.body)
 			}
 		}
 		lines := base + "/api/v2/write?precision=s"
-		r := authed(t, "POST", lines, "cpu value=5 1735725600", "Authorization", "Token nope")
+		r := sendWith(t, "POST", lines, "cpu value=5 1735725600", "Authorization", "Token nope")
 		if m := r.json(t); r.status != 401 || m["code"] != "unauthorized" || r.header.Get("WWW-Authenticate") != "Token" {
 			t.Errorf("line protocol with a wrong token = %d %v %s", r.status, r.header, r.body)
 		}
 		// The three refused ones counted against the address.
-		if r := authed(t, "POST", base+"/api/metrics", body); r.status != 429 {
+		if r := sendWith(t, "POST", base+"/api/metrics", body); r.status != 429 {
 			t.Errorf("fourth POST from the address without a token = %d, want 429", r.status)
 		}
 		if n := count(t, e.b, "cpu"); n != 0 {
@@ -96,14 +54,14 @@ func TestAuthTokens(t *testing.T) {
 		}
 		// A valid token has a limit of its own, TOKEN_RATE_LIMIT.
 		for i := range 5 {
-			r := authed(t, "POST", base+"/api/metrics", body, "Authorization", "bearer "+tokenA)
+			r := sendWith(t, "POST", base+"/api/metrics", body, "Authorization", "bearer "+tokenA)
 			if want := map[bool]int{true: 201, false: 429}[i < 4]; r.status != want || r.header.Get("X-Ratelimit-Limit") != "4" {
 				t.Errorf("POST %d with a token = %d %v, want %d with limit 4", i+1, r.status, r.header, want)
 			}
 		}
 		// The InfluxDB clients' ways of sending one, under the other token.
 		for _, h := range [][]string{{"Authorization", "Token " + tokenB}, {"Authorization", "Bearer " + tokenB}} {
-			if r := authed(t, "POST", lines, "cpu value=2 1735725600", h...); r.status != 204 {
+			if r := sendWith(t, "POST", lines, "cpu value=2 1735725600", h...); r.status != 204 {
 				t.Errorf("line protocol with %s = %d %s", h[1][:6], r.status, r.body)
 			}
 		}
@@ -114,7 +72,7 @@ func TestAuthTokens(t *testing.T) {
 		} else {
 			res.Body.Close()
 		}
-		if r := authed(t, "POST", base+"/write?db=x&precision=s&u=anyone&p="+tokenB, "cpu value=4 1735725600"); r.status != 204 {
+		if r := sendWith(t, "POST", base+"/write?db=x&precision=s&u=anyone&p="+tokenB, "cpu value=4 1735725600"); r.status != 204 {
 			t.Errorf("v1 write with u and p = %d %s", r.status, r.body)
 		}
 		if n := count(t, e.b, "cpu"); n != 8 {
@@ -146,28 +104,28 @@ func TestAuthReads(t *testing.T) {
 		c.AuthTokens, c.AuthReads, c.RateLimit = []string{tokenA}, true, 20
 	}, func(t *testing.T, e storeEnv) {
 		base, logs := serveLogged(t, e.cfg, e.b)
-		if r := authed(t, "POST", base+"/api/metrics", metricBody("cpu", sampleTime, 1), "Authorization", "Bearer "+tokenA); r.status != 201 {
+		if r := sendWith(t, "POST", base+"/api/metrics", metricBody("cpu", sampleTime, 1), "Authorization", "Bearer "+tokenA); r.status != 201 {
 			t.Fatalf("POST = %d %s", r.status, r.body)
 		}
 		for _, path := range []string{"/api/metrics/summary?metric_type=cpu", "/api/metrics/series?metric_type=cpu&from=2025-01-01T10:00:00Z&to=2025-01-01T10:01:00Z&step=1m",
 			"/api/metrics/types", "/api/metrics/labels?metric_type=cpu", "/api/metrics/stream"} {
 			for _, h := range [][]string{nil, {"Authorization", "Bearer " + tokenB}} {
-				if r := authed(t, "GET", base+path, "", h...); r.status != 401 || r.header.Get("WWW-Authenticate") != "Bearer" || !strings.Contains(r.body, `"detail"`) {
+				if r := sendWith(t, "GET", base+path, "", h...); r.status != 401 || r.header.Get("WWW-Authenticate") != "Bearer" || !strings.Contains(r.body, `"detail"`) {
 					t.Errorf("GET %s with %v = %d %s, want 401", path, h, r.status, r.body)
 				}
 			}
 			if strings.HasSuffix(path, "stream") {
 				continue
 			}
-			if r := authed(t, "GET", base+path, "", "Authorization", "Bearer "+tokenA); r.status != 200 {
+			if r := sendWith(t, "GET", base+path, "", "Authorization", "Bearer "+tokenA); r.status != 200 {
 				t.Errorf("GET %s with the token = %d %s", path, r.status, r.body)
 			}
 		}
 		// Each refused read counted against the address (RATE_LIMIT is 20
 		// here): guessing by reading is as slow as by writing.
-		r := authed(t, "GET", base+"/api/metrics/types", "")
+		r := sendWith(t, "GET", base+"/api/metrics/types", "")
 		for range 20 {
-			r = authed(t, "GET", base+"/api/metrics/types", "", "Authorization", "Bearer guess")
+			r = sendWith(t, "GET", base+"/api/metrics/types", "", "Authorization", "Bearer guess")
 		}
 		if r.status != 429 {
 			t.Errorf("the 21st refused read = %d %s, want 429", r.status, r.body)

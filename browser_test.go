@@ -310,7 +310,7 @@ func TestDashboardAsksForToken(t *testing.T) {
 	e := storeEnv{name: "memory", cfg: cfg, clock: newFakeClock(time.Now())}
 	b := newMemoryBackend(cfg, time.Now)
 	base := liveServe(t, e, b, nil)
-	if r := authed(t, "POST", base+"/api/metrics", metricBody("cpu", time.Now().Add(-time.Minute), 1), "Authorization", "Bearer "+tokenA); r.status != 201 {
+	if r := sendWith(t, "POST", base+"/api/metrics", metricBody("cpu", time.Now().Add(-time.Minute), 1), "Authorization", "Bearer "+tokenA); r.status != 201 {
 		t.Fatalf("POST = %d %s", r.status, r.body)
 	}
 	wd.call("POST", "/url", map[string]string{"url": base + "/"}, nil)

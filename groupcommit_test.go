@@ -212,20 +212,26 @@ func TestRedisGroupDropsIngestsPastTheirDeadline(t *testing.T) {
 	}
 }
 
+// ownRedis is a backend on a redis-server of its own, for tests that pause
+// it, and a connection to it.
+func ownRedis(t *testing.T, tel *telemetry) (config, backend, redis.Conn) {
+	srv := startRedis(t)
+	cfg := testConfig(t)
+	cfg.RedisAddr = srv.addr
+	pool := newRedisPool(cfg, tel)
+	t.Cleanup(func() { pool.Close() })
+	c := pool.Get()
+	t.Cleanup(func() { c.Close() })
+	return cfg, newRedisBackend(pool, "", cfg, time.Now), c
+}
+
 // TestRedisConcurrentIngestsShareRuns: ingests that arrive while the runs
 // in flight wait on Redis are applied together in one run when it frees
 // up, and each is stored once.
 func TestRedisConcurrentIngestsShareRuns(t *testing.T) {
-	srv := startRedis(t)
-	cfg := testConfig(t)
-	cfg.RedisAddr = srv.addr
 	tel := newTelemetry()
-	pool := newRedisPool(cfg, tel)
-	defer pool.Close()
-	b := newRedisBackend(pool, "", cfg, time.Now)
+	_, b, c := ownRedis(t, tel)
 	rs := b.store.(*redisStore)
-	c := pool.Get()
-	defer c.Close()
 	// Writes wait while Redis is paused, the ingest script among them.
 	if _, err := c.Do("CLIENT", "PAUSE", "10000", "WRITE"); err != nil {
 		t.Fatal(err)
@@ -282,15 +288,8 @@ func TestRedisConcurrentIngestsShareRuns(t *testing.T) {
 // nothing; its other ingests then run alone within their own fences, and
 // the late one is not sent again.
 func TestRedisGroupRetriesWithinTheirFences(t *testing.T) {
-	srv := startRedis(t)
-	cfg := testConfig(t)
-	cfg.RedisAddr = srv.addr
-	pool := newRedisPool(cfg, nil)
-	defer pool.Close()
-	b := newRedisBackend(pool, "", cfg, time.Now)
+	cfg, b, c := ownRedis(t, nil)
 	rs := b.store.(*redisStore)
-	c := pool.Get()
-	defer c.Close()
 	ctx, now, h := context.Background(), time.Now(), cfg.Retention
 	at := storeEpoch.UnixMicro()
 	late := queued(ctx, h, now, sample{typ: "late", at: at, value: 1})

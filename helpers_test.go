@@ -64,6 +64,29 @@ func send(t testing.TB, method, url, contentType, body string) response {
 	return response{res.StatusCode, res.Header, string(b)}
 }
 
+// sendWith makes one request with the given header pairs (name, value, ...).
+func sendWith(t *testing.T, method, url, body string, header ...string) response {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	// Bounded: a stream served where a 401 was due would never end.
+	res, err := (&http.Client{Timeout: 5 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	b, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return response{res.StatusCode, res.Header, string(b)}
+}
+
 func post(t testing.TB, base, body string) response {
 	t.Helper()
 	return send(t, "POST", base+"/api/metrics", "application/json", body)

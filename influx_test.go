@@ -4,9 +4,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"fmt"
-	"io"
 	"math"
-	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -123,24 +121,7 @@ func TestLineProtocolParse(t *testing.T) {
 // influxPost sends a line protocol body to path.
 func influxPost(t *testing.T, url, body string, header ...string) response {
 	t.Helper()
-	req, err := http.NewRequest("POST", url, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "text/plain; charset=utf-8")
-	for i := 0; i+1 < len(header); i += 2 {
-		req.Header.Set(header[i], header[i+1])
-	}
-	res, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("POST %s: %v", url, err)
-	}
-	defer res.Body.Close()
-	b, err := io.ReadAll(res.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return response{res.StatusCode, res.Header, string(b)}
+	return sendWith(t, "POST", url, body, append([]string{"Content-Type", "text/plain; charset=utf-8"}, header...)...)
 }
 
 func TestLineProtocolWrite(t *testing.T) {
