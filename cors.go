@@ -47,7 +47,7 @@ func (p *corsPolicy) apply(w http.ResponseWriter, r *http.Request, routed func(m
 	} else {
 		h.Set("Access-Control-Allow-Origin", origin)
 	}
-	h.Set("Access-Control-Expose-Headers", "Retry-After, X-Request-Id, X-Circuit-State, X-Ratelimit-Limit, X-Ratelimit-Remaining, X-Ratelimit-Reset")
+	h.Set("Access-Control-Expose-Headers", "Idempotent-Replayed, Retry-After, X-Request-Id, X-Circuit-State, X-Ratelimit-Limit, X-Ratelimit-Remaining, X-Ratelimit-Reset")
 	method := r.Header.Get("Access-Control-Request-Method")
 	if r.Method != http.MethodOptions || method == "" || !routed(method) {
 		return false

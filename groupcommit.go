@@ -53,6 +53,7 @@ var errQueuedPastFence = errors.New("ingest: queued past its deadline, not sent 
 type queuedIngest struct {
 	ctx     context.Context
 	batches []typeBatch
+	once    *onceKey // its Idempotency-Key's record; such an ingest runs alone
 	now     time.Time
 	arrived time.Time // its fence and its wait count from here
 	samples int
@@ -68,12 +69,19 @@ type ingestQueue struct {
 }
 
 func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time) error {
-	in := &queuedIngest{ctx: ctx, batches: batches, now: now, arrived: time.Now()}
+	return s.addOnce(ctx, batches, now, nil)
+}
+
+// addOnce is add, with o recorded in the script's run when it is not nil.
+// Such an ingest runs alone: its record decides whether it is applied at
+// all, which no other ingest's run should depend on.
+func (s *redisStore) addOnce(ctx context.Context, batches []typeBatch, now time.Time, o *onceKey) error {
+	in := &queuedIngest{ctx: ctx, batches: batches, once: o, now: now, arrived: time.Now()}
 	for _, b := range batches {
 		in.samples += b.samples
 	}
 	var err error
-	if in.samples > maxGroupedSamples || !s.grouped {
+	if in.samples > maxGroupedSamples || !s.grouped || o != nil {
 		err = s.commit([]*queuedIngest{in})[0]
 	} else {
 		in.done = make(chan error, 1)
@@ -161,7 +169,7 @@ func (s *redisStore) commit(group []*queuedIngest) (errs []error) {
 	}
 	if len(live) == 1 {
 		in := group[live[0]]
-		_, errs[live[0]] = s.apply(in.ctx, [][]typeBatch{in.batches}, in.now, in.arrived)
+		_, errs[live[0]] = s.apply(in.ctx, [][]typeBatch{in.batches}, in.once, in.now, in.arrived)
 		s.observeRun(1)
 	}
 	if len(live) < 2 {
@@ -175,7 +183,7 @@ func (s *redisStore) commit(group []*queuedIngest) (errs []error) {
 	}
 	// The requests end with their ingests, so a group's run borrows its
 	// connection under a context of its own; the fence bounds it.
-	unsure, err := s.apply(context.Background(), ingests, latest, first)
+	unsure, err := s.apply(context.Background(), ingests, nil, latest, first)
 	s.observeRun(len(live))
 	if err == nil || unsure {
 		for _, i := range live {
@@ -217,14 +225,15 @@ type groupPanic struct {
 
 func (p *groupPanic) Error() string { return fmt.Sprintf("ingest: %v\n%s", p.value, p.stack) }
 
-// refused reports whether err is the store refusing an ingest, which
-// stored nothing, rather than failing.
+// refused reports whether err is the store refusing an ingest, or
+// answering a repeat of one, which stored nothing, rather than failing.
 func refused(err error) bool {
 	var re *requestError
 	var tt *tooManyTypesError
 	var ts *tooManySeriesError
 	var to *tooOldError
-	return errors.As(err, &re) || errors.As(err, &tt) || errors.As(err, &ts) || errors.As(err, &to)
+	var rp *replayError
+	return errors.As(err, &re) || errors.As(err, &tt) || errors.As(err, &ts) || errors.As(err, &to) || errors.As(err, &rp)
 }
 
 func later(a, b time.Time) time.Time {

@@ -339,7 +339,11 @@ func handleLineProtocol(log *slog.Logger, cfg config, tel *telemetry, store metr
 			writeInfluxError(w, http.StatusBadRequest, fmt.Sprintf("precision %q must be ns, us, ms or s (or v1's n, u, m or h)", truncate(r.URL.Query().Get("precision"), 20)))
 			return
 		}
-		body, err := readLineBody(w, r, cfg.MaxBodyBytes)
+		key, err := readOnceKey(r)
+		var body []byte
+		if err == nil {
+			body, err = readLineBody(w, r, cfg.MaxBodyBytes)
+		}
 		if err != nil {
 			var re *requestError
 			errors.As(err, &re)
@@ -356,8 +360,16 @@ func handleLineProtocol(log *slog.Logger, cfg config, tel *telemetry, store metr
 			return
 		}
 		if len(ls.samples) > 0 {
+			var o *onceKey
+			if key != "" {
+				o = newOnceKey(key, requestPrint(r.URL.Path, r.URL.Query().Get("precision"), body), http.StatusNoContent, nil)
+			}
 			where := func(i int) string { return fmt.Sprintf("line %d: ", ls.lines[i]) }
-			if err := ingestSamples(r.Context(), cfg, tel, store, announce, ls.samples, where, t); err != nil {
+			err := ingestSamples(r.Context(), cfg, tel, store, announce, ls.samples, o, where, t)
+			if replayed(w, err) {
+				return
+			}
+			if err != nil {
 				var re *requestError
 				if !errors.As(err, &re) {
 					log.Error("ingest failed", "route", "POST "+r.URL.Path, "err", err)

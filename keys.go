@@ -46,6 +46,9 @@ import "strconv"
 //	{cache}:idx            sorted set: the cached answers by expiry
 //	rl:{client}:<window>   string: a rate-limit counter, expiring with its
 //	                       window
+//	once:<digest>          string: an Idempotency-Key's record, by the
+//	                       key's digest (idempotency.go): the request's
+//	                       digest and the answer given, kept 24 h
 //	stream                 channel: what each ingest added to 1 s buckets
 //	                       (stream.go, encodeUpdates), published by the
 //	                       ingest script, read by every instance's
@@ -104,6 +107,9 @@ func indexKey(unit string, r resolution) string {
 func (k keys) cacheEntry(typ, query string) string {
 	return k.prefix + "{cache}:e:" + typ + "|" + query
 }
+
+// once names an Idempotency-Key's record, by the key's digest.
+func (k keys) once(id string) string { return k.prefix + "once:" + id }
 
 func (k keys) streamChannel() string { return k.prefix + "stream" }
 

@@ -24,34 +24,51 @@ var storedOne = []byte(`{"message":"Metric stored successfully"}` + "\n")
 func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStore, announce func([]typeBatch, time.Time), now func() time.Time) http.Handler {
 	var bodies bodyBuffers
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		samples, batch, err := readSamples(w, r, cfg, &bodies)
+		key, err := readOnceKey(r)
+		var print [32]byte
+		var samples []sample
+		var batch bool
 		if err == nil {
-			err = ingestSamples(r.Context(), cfg, tel, store, announce, samples, func(i int) string { return item(batch, i) }, now())
+			samples, batch, err = readSamples(w, r, cfg, &bodies, &print)
+		}
+		answer := storedOne
+		if err == nil && batch {
+			answer = fmt.Appendf(nil, `{"message":"Metrics stored successfully","count":%d}`+"\n", len(samples))
+		}
+		var o *onceKey
+		if err == nil && key != "" {
+			o = newOnceKey(key, print, http.StatusCreated, answer)
+		}
+		if err == nil {
+			err = ingestSamples(r.Context(), cfg, tel, store, announce, samples, o, func(i int) string { return item(batch, i) }, now())
+		}
+		if replayed(w, err) {
+			return
 		}
 		if err != nil {
 			writeFailure(w, r, log, err)
 			return
 		}
-		if !batch {
-			writeRaw(w, http.StatusCreated, storedOne)
-			return
-		}
-		writeJSON(w, http.StatusCreated, struct {
-			Message string `json:"message"`
-			Count   int    `json:"count"`
-		}{"Metrics stored successfully", len(samples)})
+		writeRaw(w, http.StatusCreated, answer)
 	})
 }
 
-// ingestSamples stores one request's samples as one ingest, and once they
-// are stored hands them to announce for the live streams, when it is not
-// nil. Its refusals name the sample at fault by where (item i, line n).
-func ingestSamples(ctx context.Context, cfg config, tel *telemetry, store metricStore, announce func([]typeBatch, time.Time), samples []sample, where func(int) string, t time.Time) error {
+// ingestSamples stores one request's samples as one ingest, with the record
+// o of its Idempotency-Key when it is not nil, and once they are stored
+// hands them to announce for the live streams, when it is not nil. Its
+// refusals name the sample at fault by where (item i, line n).
+func ingestSamples(ctx context.Context, cfg config, tel *telemetry, store metricStore, announce func([]typeBatch, time.Time), samples []sample, o *onceKey, where func(int) string, t time.Time) error {
 	if err := checkFuture(samples, where, t, cfg.MaxFuture, tel); err != nil {
 		return err
 	}
 	batches := aggregate(samples, cfg.Retention)
-	if err := store.add(ctx, batches, t); err != nil {
+	var err error
+	if o != nil {
+		err = store.addOnce(ctx, batches, t, o)
+	} else {
+		err = store.add(ctx, batches, t)
+	}
+	if err != nil {
 		return ingestRefusal(err, samples, where, cfg, tel)
 	}
 	if announce != nil {
@@ -211,8 +228,9 @@ func handleTypes(log *slog.Logger, q *reader) http.Handler {
 // ---- validation ----
 
 // readSamples reads and validates the body of an ingest: one metric object
-// or an array of them. It reports whether the body was an array.
-func readSamples(w http.ResponseWriter, r *http.Request, cfg config, bodies *bodyBuffers) ([]sample, bool, error) {
+// or an array of them. It reports whether the body was an array, and puts
+// the request's digest (requestPrint) in print.
+func readSamples(w http.ResponseWriter, r *http.Request, cfg config, bodies *bodyBuffers, print *[32]byte) ([]sample, bool, error) {
 	if ct := r.Header.Get("Content-Type"); ct != "" && ct != "application/json" {
 		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
 			return nil, false, &requestError{http.StatusUnsupportedMediaType, "Content-Type must be application/json"}
@@ -234,6 +252,9 @@ func readSamples(w http.ResponseWriter, r *http.Request, cfg config, bodies *bod
 		return nil, false, &requestError{http.StatusBadRequest, "could not read the body"}
 	}
 	defer bodies.release(body) // samples hold no part of it
+	if r.Header.Get("Idempotency-Key") != "" {
+		*print = requestPrint(r.URL.Path, "", body)
+	}
 	return parseSamples(body, cfg.MaxBatch)
 }
 

@@ -34,8 +34,15 @@ import (
 // returns counts every write whose buckets it saw. series lists the ids of
 // a type's series that hold every label in match (all of them for none),
 // sorted, with the version the list is as of.
+//
+// addOnce is add for a write with an Idempotency-Key (idempotency.go): it
+// records o in the same atomic step as the samples, unless o's key is
+// recorded already; then it stores nothing and returns a *replayError with
+// the recorded answer, or errKeyReused when the key came with another
+// request.
 type metricStore interface {
 	add(ctx context.Context, batches []typeBatch, now time.Time) error
+	addOnce(ctx context.Context, batches []typeBatch, now time.Time, o *onceKey) error
 	read(ctx context.Context, typ string, series []string, spans []span) (typeMeta, [][]storedBucket, error)
 	series(ctx context.Context, typ string, match []label) (uint64, []string, error)
 	meta(ctx context.Context, typ string) (typeMeta, error)
@@ -55,6 +62,8 @@ type memoryStore struct {
 	byName sync.Map // type name -> *memType
 	mu     sync.Mutex
 	count  int // guarded by mu: types are only created under it
+
+	once onceRecords
 }
 
 type memType struct {
@@ -86,7 +95,9 @@ type memBucket struct {
 }
 
 func newMemoryStore(h retention, maxTypes, maxSeries int) *memoryStore {
-	return &memoryStore{horizon: h, maxTypes: maxTypes, maxSeries: maxSeries}
+	m := &memoryStore{horizon: h, maxTypes: maxTypes, maxSeries: maxSeries}
+	m.once.max = maxOnceRecords
+	return m
 }
 
 func (m *memoryStore) lookup(typ string) *memType {
@@ -148,6 +159,20 @@ func (m *memoryStore) add(_ context.Context, batches []typeBatch, now time.Time)
 	for i, b := range batches {
 		all[i].apply(b, anchors[i], m.horizon)
 	}
+	return nil
+}
+
+func (m *memoryStore) addOnce(ctx context.Context, batches []typeBatch, now time.Time, o *onceKey) error {
+	mu := m.once.stripe(o.id)
+	mu.Lock()
+	defer mu.Unlock()
+	if rec := m.once.lookup(o.id, now); rec != nil {
+		return replayOf(o, rec)
+	}
+	if err := m.add(ctx, batches, now); err != nil {
+		return err
+	}
+	m.once.keep(o, now)
 	return nil
 }
 
@@ -449,6 +474,7 @@ func (m *memoryStore) types(_ context.Context, now time.Time) ([]typeMeta, error
 // background loop, so no request pays for it; each type is locked only
 // while its own buckets are trimmed.
 func (m *memoryStore) sweep(now time.Time) {
+	m.once.sweep(now)
 	m.byName.Range(func(_, v any) bool {
 		t := v.(*memType)
 		t.mu.Lock()
@@ -541,7 +567,7 @@ type ingestCall struct {
 // group, groupcommit.go), applied as if one after the other: each bucket
 // they add to is written once, with one record from each ingest that adds
 // to it, in their order, as the memory store would merge them.
-func (s *redisStore) ingestCall(ingests [][]typeBatch, now time.Time) *ingestCall {
+func (s *redisStore) ingestCall(ingests [][]typeBatch, o *onceKey, now time.Time) *ingestCall {
 	byType := map[string][]typeBatch{}
 	var all []typeBatch
 	for _, batches := range ingests {
@@ -552,7 +578,7 @@ func (s *redisStore) ingestCall(ingests [][]typeBatch, now time.Time) *ingestCal
 	}
 	names := slices.Sorted(maps.Keys(byType))
 	c := &ingestCall{s: s, idx: s.indexed(), ix: map[resolution]int{}, keys: []string{s.keys.types(), s.keys.compactTypes()}}
-	c.args = []any{0, now.UnixMicro(), s.maxTypes, s.maxSeries, len(names), len(c.idx)}
+	c.args = []any{0, now.UnixMicro(), s.maxTypes, s.maxSeries, len(names), len(c.idx), o != nil}
 	for i, r := range c.idx {
 		c.ix[r] = i + 1
 		c.args = append(c.args, s.horizon[r], r.seconds(), r.chunk()*r.seconds(), r.String())
@@ -582,6 +608,10 @@ func (s *redisStore) ingestCall(ingests [][]typeBatch, now time.Time) *ingestCal
 		}
 	}
 	c.args = append(c.args, s.keys.streamChannel(), encodeUpdates(updatesOf(all, now.Unix(), s.horizon)))
+	if o != nil {
+		c.keys = append(c.keys, s.keys.once(o.id))
+		c.args = append(c.args, o.record(), onceLifetime.Milliseconds())
+	}
 	return c
 }
 
@@ -687,15 +717,16 @@ func (c *ingestCall) unit(typ, id string, until int64, buckets []recordedBucket)
 }
 
 // apply runs the script once for ingests, the first of which arrived at
-// start, and words its refusals. The fence and the wait for the answer
+// start, with the record o of an ingest that runs alone with an
+// Idempotency-Key, and words its refusals and replays. The fence and the wait for the answer
 // count from start. unsure reports an error after which the ingests may be
 // stored: the script was sent and its answer did not come. Any error the
 // script itself answers comes before its first write (lua/ingest.lua), so
 // then, as when no connection was had, nothing is stored.
-func (s *redisStore) apply(ctx context.Context, ingests [][]typeBatch, now, start time.Time) (unsure bool, err error) {
+func (s *redisStore) apply(ctx context.Context, ingests [][]typeBatch, o *onceKey, now, start time.Time) (unsure bool, err error) {
 	// The time spent laying out the call is the service's, not Redis's.
 	laying := time.Now()
-	call := s.ingestCall(ingests, now)
+	call := s.ingestCall(ingests, o, now)
 	keys, args := call.keys, call.args
 	start = start.Add(time.Since(laying))
 	fence := start.Add(s.pool.timeout / 2)
@@ -711,8 +742,11 @@ func (s *redisStore) apply(ctx context.Context, ingests [][]typeBatch, now, star
 		return false, err
 	}
 	args[0] = s.pool.redisMicros(fence)
-	_, err = ingestScript.run(c, start.Add(s.pool.timeout+ingestGrace), keys, args...)
+	reply, err := ingestScript.run(c, start.Add(s.pool.timeout+ingestGrace), keys, args...)
 	c.Close()
+	if rec, ok := reply.([]byte); ok && err == nil && o != nil {
+		return false, replayOf(o, rec)
+	}
 	rerr, ok := err.(redis.Error)
 	if !ok {
 		return err != nil, err
@@ -734,6 +768,8 @@ func (s *redisStore) apply(ctx context.Context, ingests [][]typeBatch, now, star
 	case len(f) == 3 && f[0] == "COLLISION":
 		return false, unprocessable("labels {%s} of %s cannot be stored: their key collides with another series of the type; rename a label",
 			find(f[1], f[2]), f[1])
+	case len(f) > 0 && f[0] == "KEYREUSED":
+		return false, errKeyReused
 	case len(f) == 3 && f[0] == "TOOOLD":
 		if anchor, perr := strconv.ParseInt(f[2], 10, 64); perr == nil {
 			return false, &tooOldError{typ: f[1], anchor: anchor}

@@ -758,17 +758,22 @@ func TestCORS(t *testing.T) {
 		if got := res.Header.Get("Access-Control-Allow-Origin"); got != tc.allow || res.StatusCode != 200 {
 			t.Errorf("CORS_ORIGINS=%q, Origin %s: %d Access-Control-Allow-Origin %q, want 200 %q", tc.origins, tc.origin, res.StatusCode, got, tc.allow)
 		}
+		// A page can read whether its retry was a replay.
+		if tc.allow != "" && !strings.Contains(res.Header.Get("Access-Control-Expose-Headers"), "Idempotent-Replayed") {
+			t.Errorf("CORS_ORIGINS=%q: Access-Control-Expose-Headers %q lacks Idempotent-Replayed", tc.origins, res.Header.Get("Access-Control-Expose-Headers"))
+		}
 		req, _ = http.NewRequest("OPTIONS", base+"/api/metrics", nil)
 		req.Header.Set("Origin", tc.origin)
 		req.Header.Set("Access-Control-Request-Method", "POST")
-		req.Header.Set("Access-Control-Request-Headers", "content-type")
+		req.Header.Set("Access-Control-Request-Headers", "content-type, idempotency-key")
 		res, err = http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
 		res.Body.Close()
 		preflight := res.StatusCode == 204 && strings.Contains(res.Header.Get("Access-Control-Allow-Methods"), "POST") &&
-			strings.Contains(strings.ToLower(res.Header.Get("Access-Control-Allow-Headers")), "content-type")
+			strings.Contains(strings.ToLower(res.Header.Get("Access-Control-Allow-Headers")), "content-type") &&
+			strings.Contains(strings.ToLower(res.Header.Get("Access-Control-Allow-Headers")), "idempotency-key")
 		if preflight != (tc.allow != "") {
 			t.Errorf("CORS_ORIGINS=%q, preflight from %s = %d %v, want answered: %v", tc.origins, tc.origin, res.StatusCode, res.Header, tc.allow != "")
 		}

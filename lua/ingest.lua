@@ -22,8 +22,15 @@
 -- labels, bucket count nb, nidx bucket-name prefixes; then per
 -- bucket: index number (0: none), start, expiry (the anchor at which it
 -- goes; a huge number for never), and what the ingest adds to it as one
--- record. Last, the live stream's channel and the message to publish on it
+-- record. Then the live stream's channel and the message to publish on it
 -- once everything is written.
+--
+-- An ingest with an Idempotency-Key (ARGV[7] is 1) has its record's key
+-- last in KEYS, and the record (the request's 32-byte digest, then its
+-- answer) and its lifetime in ms last in ARGV. When the key holds a record
+-- already, the ingest writes nothing and returns the record, or refuses
+-- (KEYREUSED) when the record is of another request; otherwise the record
+-- is written with the samples.
 --
 -- A bucket is an 8-byte header (the size of its records at its last
 -- compaction and a compaction count, little-endian), then records, each as
@@ -40,7 +47,17 @@ end
 local nowUs = tonumber(ARGV[2])
 local maxTypes, maxSeries = tonumber(ARGV[3]), tonumber(ARGV[4])
 local ntypes, nidx = tonumber(ARGV[5]), tonumber(ARGV[6])
-local a = 7
+local once = ARGV[7] == '1'
+if once then
+  local rec = redis.call('GET', KEYS[#KEYS])
+  if rec then
+    if string.sub(rec, 1, 32) ~= string.sub(ARGV[#ARGV - 1], 1, 32) then
+      return redis.error_reply('KEYREUSED the key came with another request')
+    end
+    return rec
+  end
+end
+local a = 8
 local idx = {}
 for i = 1, nidx do
   idx[i] = {h = tonumber(ARGV[a]), w = tonumber(ARGV[a + 1]), span = tonumber(ARGV[a + 2]), name = ARGV[a + 3]}
@@ -432,6 +449,9 @@ for _, ty in ipairs(types) do
     meta[#meta + 1], meta[#meta + 2] = 's', int(ty.anchor)
   end
   redis.call('HSET', ty.meta, unpack(meta))
+end
+if once then
+  redis.call('SET', KEYS[#KEYS], ARGV[#ARGV - 1], 'PX', ARGV[#ARGV])
 end
 redis.call('PUBLISH', ARGV[a], ARGV[a + 1])
 return 1
