@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,6 +40,8 @@ type cacheStore interface {
 	// put stores e unless an entry of a later version is cached: a slow
 	// reader's late put must not push out a fresher answer.
 	put(ctx context.Context, typ, key string, e cacheEntry) error
+	// purge drops the type's entries, which a delete has made stale.
+	purge(ctx context.Context, typ string) error
 }
 
 // cacheEntry is an answer and the version it was computed at. The memory
@@ -256,6 +259,16 @@ func (m *memoryCacheStore) put(_ context.Context, typ, key string, e cacheEntry)
 	}
 }
 
+func (m *memoryCacheStore) purge(_ context.Context, typ string) error {
+	m.entries.Range(func(k, _ any) bool {
+		if strings.HasPrefix(k.(string), typ+"|") {
+			m.entries.Delete(k) // its slot is reused by a later put
+		}
+		return true
+	})
+	return nil
+}
+
 // sweep drops expired entries; their slots are reused by later puts.
 func (m *memoryCacheStore) sweep(now time.Time) {
 	ns := now.UnixNano()
@@ -329,4 +342,55 @@ func (r *redisCacheStore) put(ctx context.Context, typ, key string, e cacheEntry
 			e.version, val, max(r.ttl.Milliseconds(), 1), r.max)
 		return err
 	})
+}
+
+// purge finds the type's entries in the index, which holds at most
+// CACHE_MAX_ENTRIES of them, and drops them.
+func (r *redisCacheStore) purge(ctx context.Context, typ string) error {
+	pattern := globEscape(r.keys.cacheEntry(typ, "")) + "*"
+	return r.pool.with(ctx, "cache_purge", func(c redis.Conn, deadline time.Time) error {
+		var found []any
+		for cursor := "0"; ; {
+			reply, err := redis.Values(do(c, deadline, "ZSCAN", r.keys.cacheIndex(), cursor, "MATCH", pattern, "COUNT", 1000))
+			if err != nil {
+				return err
+			}
+			if len(reply) != 2 {
+				return errors.New("ZSCAN: unexpected reply")
+			}
+			cursor, _ = redis.String(reply[0], nil)
+			members, err := redis.Strings(reply[1], nil)
+			if err != nil {
+				return err
+			}
+			for i := 0; i < len(members); i += 2 { // member, score
+				found = append(found, members[i])
+			}
+			if cursor == "0" {
+				break
+			}
+		}
+		for i := 0; i < len(found); i += 1000 {
+			part := found[i:min(i+1000, len(found))]
+			c.Send("UNLINK", part...)
+			c.Send("ZREM", append([]any{r.keys.cacheIndex()}, part...)...)
+		}
+		if len(found) == 0 {
+			return nil
+		}
+		_, err := do(c, deadline, "")
+		return err
+	})
+}
+
+// globEscape quotes the characters a Redis MATCH pattern treats as special.
+func globEscape(s string) string {
+	var b strings.Builder
+	for _, c := range s {
+		if strings.ContainsRune(`*?[]\^`, c) {
+			b.WriteByte('\\')
+		}
+		b.WriteRune(c)
+	}
+	return b.String()
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"math"
 	"math/rand/v2"
 	"sync"
 	"testing"
@@ -109,27 +108,7 @@ func TestRedisGroupMatchesOneByOne(t *testing.T) {
 					f.match = []label{{"host", host}}
 					key = typ + "/" + host
 				}
-				m, _, err := mem.reader.window(ctx, typ, from, to, f)
-				if err != nil {
-					t.Fatal(err)
-				}
-				r, _, err := rb.reader.window(ctx, typ, from, to, f)
-				if err != nil {
-					t.Fatal(err)
-				}
-				mv, rv := onlyGroup(m), onlyGroup(r)
-				// Against the raw samples, whose sum is added in another
-				// order: the sum to rounding, the rest exactly.
-				if st, _ := bruteForce(raw[key], from, to); math.Abs(rv.Sum-st.sum) <= 1e-9*float64(st.count)*200 {
-					rv := rv
-					rv.Sum = st.sum
-					checkAgainstBruteForce(t, "redis "+key, rv, raw[key], from, to)
-				} else {
-					t.Fatalf("%s over [%s, %s): sum %v, want %v", key, optBound(from), optBound(to), rv.Sum, st.sum)
-				}
-				if !sameValues(mv, rv) {
-					t.Fatalf("%s over [%s, %s): memory %+v, redis in %d groups %+v", key, optBound(from), optBound(to), mv, groups, rv)
-				}
+				checkStoresAgree(t, fmt.Sprintf("%s, %d groups", key, groups), mem, rb, typ, from, to, f, raw[key])
 			}
 		}
 		mm, _ := mem.store.meta(ctx, typ)

@@ -89,11 +89,24 @@ func requestPrint(route, precision string, body []byte) [32]byte {
 	return out
 }
 
-// newOnceKey is the record of key for the request of digest print,
-// answered status with body answer.
-func newOnceKey(key string, print [32]byte, status int, answer []byte) *onceKey {
-	id := sha256.Sum256([]byte(key))
+// newOnceKey is the record of key, sent under the token scope ("" without
+// AUTH_TOKENS, onceScope), for the request of digest print, answered status with body
+// answer. Each token has keys of its own: one writer cannot take, or
+// answer, another's.
+func newOnceKey(key, scope string, print [32]byte, status int, answer []byte) *onceKey {
+	id := sha256.Sum256([]byte(scope + "\n" + key))
 	return &onceKey{id: hex.EncodeToString(id[:16]), print: print, answer: append([]byte(strconv.Itoa(status)), answer...)}
+}
+
+// tokenScope is the context key under which the write gate leaves the
+// name of a request's valid token: its place among the configured ones.
+type tokenScope struct{}
+
+// onceScope is whose keys a request's are: its token's, with AUTH_TOKENS,
+// everyone's without.
+func onceScope(r *http.Request) string {
+	s, _ := r.Context().Value(tokenScope{}).(string)
+	return s
 }
 
 // writeReplay answers a repeat with the first success's answer.

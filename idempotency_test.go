@@ -75,6 +75,27 @@ func TestIdempotentRetries(t *testing.T) {
 		if n := count(t, e.b, "disk.used"); n != 1 {
 			t.Fatalf("disk.used: %d samples, want 1", n)
 		}
+		// The precision as read: none and ns are the same request.
+		ns := "disk,host=a used=4 1735725600000000000"
+		if r := postOnce(t, base, "/api/v2/write", "k-5", ns); r.status != 204 || replayedAnswer(r) {
+			t.Fatalf("v2 write: %d %s", r.status, r.body)
+		}
+		if r := postOnce(t, base, "/api/v2/write?precision=ns", "k-5", ns); r.status != 204 || !replayedAnswer(r) {
+			t.Fatalf("v2 write with precision=ns repeated: %d %v %s, want a replay", r.status, r.header, r.body)
+		}
+		// A body of no samples takes its key all the same.
+		if r := postOnce(t, base, "/write", "k-6", "disk flag=true 1735725600000000000"); r.status != 204 || replayedAnswer(r) {
+			t.Fatalf("a line of no numeric field: %d %s", r.status, r.body)
+		}
+		if r := postOnce(t, base, "/write", "k-6", "disk flag=true 1735725600000000000"); r.status != 204 || !replayedAnswer(r) {
+			t.Fatalf("its repeat: %d %v %s, want a replay", r.status, r.header, r.body)
+		}
+		if r := postOnce(t, base, "/write", "k-6", ns); r.status != 422 {
+			t.Fatalf("another body under its key: %d %s, want 422", r.status, r.body)
+		}
+		if n := count(t, e.b, "disk.used"); n != 2 {
+			t.Fatalf("disk.used: %d samples, want 2", n)
+		}
 		for _, key := range []string{strings.Repeat("k", 129), "caf\u00e9", "tab\there", ""} {
 			r, err := rawPost(base, "/api/metrics", key, metricBody("bad", sampleTime, 1))
 			if err != nil {
@@ -203,10 +224,10 @@ func TestIdempotencyKeyLifetime(t *testing.T) {
 	o.max = 3
 	keys := []string{"a", "b", "c", "d"}
 	for _, k := range keys {
-		o.keep(newOnceKey(k, [32]byte{}, 201, nil), clock.now())
+		o.keep(newOnceKey(k, "", [32]byte{}, 201, nil), clock.now())
 	}
 	for i, k := range keys {
-		if got := o.lookup(newOnceKey(k, [32]byte{}, 201, nil).id, clock.now()) != nil; got != (i > 0) {
+		if got := o.lookup(newOnceKey(k, "", [32]byte{}, 201, nil).id, clock.now()) != nil; got != (i > 0) {
 			t.Errorf("bound 3, key %s kept = %v", k, got)
 		}
 	}
@@ -221,7 +242,7 @@ func TestRedisIdempotencyKeyLifetime(t *testing.T) {
 	}
 	c := e.pool.Get()
 	defer c.Close()
-	ttl, err := redis.Int64(c.Do("PTTL", keys{e.prefix}.once(newOnceKey("k", [32]byte{}, 0, nil).id)))
+	ttl, err := redis.Int64(c.Do("PTTL", keys{e.prefix}.once(newOnceKey("k", "", [32]byte{}, 0, nil).id)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -371,7 +392,7 @@ func TestAddOnceAtOnce(t *testing.T) {
 		for round := range 20 {
 			typ := "at-once-" + strconv.Itoa(round)
 			batches := aggregate([]sample{{typ: typ, at: sampleTime.UnixMicro(), value: 1}}, e.cfg.Retention)
-			o := newOnceKey(typ, [32]byte{byte(round)}, 201, nil)
+			o := newOnceKey(typ, "", [32]byte{byte(round)}, 201, nil)
 			start := make(chan struct{})
 			var wg sync.WaitGroup
 			var applied, replays atomic.Int64
@@ -393,6 +414,24 @@ func TestAddOnceAtOnce(t *testing.T) {
 			if applied.Load() != 1 || replays.Load() != 15 || count(t, e.b, typ) != 1 {
 				t.Fatalf("round %d: %d applied, %d replays, %d stored; want 1, 15, 1", round, applied.Load(), replays.Load(), count(t, e.b, typ))
 			}
+		}
+	})
+}
+
+// TestIdempotencyKeysPerToken: with AUTH_TOKENS each token has keys of its
+// own: the same key and body from two tokens are two writes.
+func TestIdempotencyKeysPerToken(t *testing.T) {
+	forEachStore(t, func(c *config) { c.AuthTokens = []string{tokenA, tokenB} }, func(t *testing.T, e storeEnv) {
+		base := serve(t, e.cfg, e.b)
+		body := metricBody("cpu", sampleTime, 1)
+		for i, tok := range []string{tokenA, tokenB, tokenA} {
+			r := sendWith(t, "POST", base+"/api/metrics", body, "Authorization", "Bearer "+tok, "Idempotency-Key", "shared")
+			if want := i == 2; r.status != 201 || replayedAnswer(r) != want {
+				t.Fatalf("post %d: %d %v %s, want 201 replayed: %v", i, r.status, r.header, r.body, want)
+			}
+		}
+		if n := count(t, e.b, "cpu"); n != 2 {
+			t.Fatalf("%d samples, want 2: one per token", n)
 		}
 	})
 }

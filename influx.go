@@ -359,11 +359,15 @@ func handleLineProtocol(log *slog.Logger, cfg config, tel *telemetry, store metr
 			writeInfluxError(w, status, err.Error())
 			return
 		}
-		if len(ls.samples) > 0 {
-			var o *onceKey
-			if key != "" {
-				o = newOnceKey(key, requestPrint(r.URL.Path, r.URL.Query().Get("precision"), body), http.StatusNoContent, nil)
-			}
+		var o *onceKey
+		if key != "" {
+			// The precision as read: "", "ns" and "n" ask the same.
+			print := requestPrint(r.URL.Path, strconv.FormatInt(scale, 10), body)
+			o = newOnceKey(key, onceScope(r), print, http.StatusNoContent, nil)
+		}
+		// A body of no samples stores nothing, but its key is recorded all
+		// the same: the key is then this request's.
+		if len(ls.samples) > 0 || o != nil {
 			where := func(i int) string { return fmt.Sprintf("line %d: ", ls.lines[i]) }
 			err := ingestSamples(r.Context(), cfg, tel, store, announce, ls.samples, o, where, t)
 			if replayed(w, err) {

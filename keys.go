@@ -10,8 +10,10 @@ import "strconv"
 //	types                  set: the type names, for MAX_TYPES
 //	compact                set: the types with buckets to compact
 //	{T}:m                  hash: the type's version (v, bumped by every
-//	                       ingest of it), first (f) and newest (n) sample
-//	                       in Unix microseconds
+//	                       ingest of it, and by a delete), first (f) and
+//	                       newest (n) sample in Unix microseconds, and
+//	                       what deletes took off its count (d); a deleted
+//	                       type's keeps v and d a while (lua/delete.lua)
 //	{T}:b:<res>:<start>    string: one bucket (res 1s, 1m, 1h or 1d; start
 //	                       in Unix seconds): an 8-byte header, then records
 //	                       of what ingests added (count, sum, min, max,
@@ -47,8 +49,9 @@ import "strconv"
 //	rl:{client}:<window>   string: a rate-limit counter, expiring with its
 //	                       window
 //	once:<digest>          string: an Idempotency-Key's record, by the
-//	                       key's digest (idempotency.go): the request's
-//	                       digest and the answer given, kept 24 h
+//	                       digest of the token's place and the key
+//	                       (idempotency.go): the request's digest and the
+//	                       answer given, kept 24 h
 //	stream                 channel: what each ingest added to 1 s buckets
 //	                       (stream.go, encodeUpdates), published by the
 //	                       ingest script, read by every instance's

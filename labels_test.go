@@ -94,7 +94,7 @@ func TestLabelsMatchBruteForce(t *testing.T) {
 	want := func(f labelFilter) (keys []string, groups map[string][]rawSample) {
 		groups = map[string][]rawSample{}
 		for _, r := range raw {
-			if slices.ContainsFunc(f.match, func(l label) bool { v, ok := r.labels[l.name]; return !ok || v != l.value }) {
+			if !r.holds(f.match) {
 				continue
 			}
 			key := ""

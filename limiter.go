@@ -115,6 +115,9 @@ func (g *writeGate) guard(credential func(*http.Request) string, fail func(http.
 		case !authorized:
 			h.Set("WWW-Authenticate", challenge)
 			fail(w, http.StatusUnauthorized, "a token from AUTH_TOKENS is needed: Authorization: "+challenge+" <token>")
+		case g.tokens.enabled():
+			// The handler learns whose request it is (onceScope).
+			next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), tokenScope{}, key)))
 		default:
 			next.ServeHTTP(w, r)
 		}

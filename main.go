@@ -154,6 +154,7 @@ func openBackend(cfg config, tel *telemetry, log *slog.Logger) (backend, func(),
 
 func newMemoryBackend(cfg config, now func() time.Time) backend {
 	s := newMemoryStore(cfg.Retention, cfg.MaxTypes, cfg.MaxSeries)
+	s.forget = graveLifetime(cfg.CacheTTL)
 	c := newMemoryCacheStore(s.version, cfg.CacheTTL, cfg.CacheMaxEntries, now)
 	lim := newMemoryLimiter(cfg.RateLimit, cfg.RateWindow)
 	tokenLim := newMemoryLimiter(cfg.TokenRateLimit, cfg.RateWindow)
@@ -186,6 +187,7 @@ func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time
 	k := keys{prefix: prefix}
 	s := newRedisStore(pool, k, cfg.Retention, cfg.MaxTypes, cfg.MaxSeries)
 	s.grouped = cfg.RedisPipeline
+	s.cacheTTL = cfg.CacheTTL
 	h := newHub(cfg.MaxStreams)
 	return backend{
 		hub: h,
@@ -228,6 +230,12 @@ func newHandler(log *slog.Logger, cfg config, tel *telemetry, b backend) http.Ha
 	lines := gate.guard(influxToken, writeInfluxError, "Token", handleLineProtocol(log, cfg, tel, b.store, b.announce, b.now))
 	handle("POST /write", lines)
 	handle("POST /api/v2/write", lines)
+	// Deleting needs a token, so it needs AUTH_TOKENS: refused without.
+	if gate.tokens.enabled() {
+		handle("DELETE /api/metrics", gate.guard(bearerToken, writeError, "Bearer", handleDelete(log, b.store, b.reader.cache, b.now)))
+	} else {
+		handle("DELETE /api/metrics", handleDeleteRefused())
+	}
 	handle("GET /api/metrics/summary", gate.readGate(handleSummary(log, b.reader)))
 	handle("GET /api/metrics/series", gate.readGate(handleSeries(log, b.reader)))
 	handle("GET /api/metrics/types", gate.readGate(handleTypes(log, b.reader)))

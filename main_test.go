@@ -146,7 +146,7 @@ func TestUnknownRouteAndMethod(t *testing.T) {
 		allow        string
 	}{
 		{"GET", "/nope", 404, "not found", ""},
-		{"GET", "/api/metrics", 405, "method not allowed", "POST"},
+		{"GET", "/api/metrics", 405, "method not allowed", "DELETE, POST"},
 		{"DELETE", "/health", 405, "method not allowed", "GET, HEAD"},
 		{"POST", "/api/metrics/summary", 405, "method not allowed", "GET, HEAD"},
 		{"HEAD", "/external", 405, "", "GET"}, // a HEAD must not call the service

@@ -37,7 +37,7 @@ func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStor
 		}
 		var o *onceKey
 		if err == nil && key != "" {
-			o = newOnceKey(key, print, http.StatusCreated, answer)
+			o = newOnceKey(key, onceScope(r), print, http.StatusCreated, answer)
 		}
 		if err == nil {
 			err = ingestSamples(r.Context(), cfg, tel, store, announce, samples, o, func(i int) string { return item(batch, i) }, now())

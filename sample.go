@@ -400,6 +400,7 @@ type typeMeta struct {
 	first, newest int64  // Unix microseconds of its oldest and newest sample
 	total         stats  // the running total, when days are kept forever
 	series        int    // how many series hold data
+	deleted       bool   // deleted, its version kept (lua/delete.lua)
 }
 
 // anchor is the second retention is measured back from: the earlier of

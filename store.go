@@ -43,6 +43,7 @@ import (
 type metricStore interface {
 	add(ctx context.Context, batches []typeBatch, now time.Time) error
 	addOnce(ctx context.Context, batches []typeBatch, now time.Time, o *onceKey) error
+	remove(ctx context.Context, typ string, match []label, now time.Time) (int, error)
 	read(ctx context.Context, typ string, series []string, spans []span) (typeMeta, [][]storedBucket, error)
 	series(ctx context.Context, typ string, match []label) (uint64, []string, error)
 	meta(ctx context.Context, typ string) (typeMeta, error)
@@ -62,6 +63,11 @@ type memoryStore struct {
 	byName sync.Map // type name -> *memType
 	mu     sync.Mutex
 	count  int // guarded by mu: types are only created under it
+	// graves keeps a deleted type's last version for a while, so that the
+	// type made again goes on from it: a cached answer of the deleted type
+	// is never taken for one of the new (remove, typesFor, sweep).
+	graves sync.Map      // type name -> grave
+	forget time.Duration // how long a grave is kept: longer than any cached answer
 
 	once onceRecords
 }
@@ -71,6 +77,8 @@ type memType struct {
 	counted atomic.Bool   // holds MAX_TYPES room; written under memoryStore.mu
 
 	mu            sync.RWMutex
+	written       bool // it holds, or held, data
+	dead          bool // deleted: an ingest that holds it looks again
 	first, newest int64
 	memBuckets    // type-wide
 	// series holds each series' buckets. A type that has only ever held
@@ -112,7 +120,16 @@ func (m *memoryStore) version(typ string) uint64 {
 	if t := m.lookup(typ); t != nil {
 		return t.version.Load()
 	}
-	return 0
+	return m.absent(typ).version
+}
+
+// absent is the meta of a type the store does not hold: a deleted one's
+// keeps its version for a while, as on Redis.
+func (m *memoryStore) absent(typ string) typeMeta {
+	if g, ok := m.graves.Load(typ); ok {
+		return typeMeta{name: typ, version: g.(grave).version, deleted: true}
+	}
+	return typeMeta{name: typ}
 }
 
 func (m *memoryStore) add(_ context.Context, batches []typeBatch, now time.Time) error {
@@ -125,9 +142,19 @@ func (m *memoryStore) add(_ context.Context, batches []typeBatch, now time.Time)
 			}
 		}
 	}
+	for {
+		if again, err := m.tryAdd(batches, now); !again {
+			return err
+		}
+	}
+}
+
+// tryAdd is one attempt of add; it asks for another when a type it found
+// was deleted before it held the type's lock.
+func (m *memoryStore) tryAdd(batches []typeBatch, now time.Time) (again bool, err error) {
 	all, reserved, err := m.typesFor(batches)
 	if err != nil {
-		return err
+		return false, err
 	}
 	// Lock every type of the ingest, in name order so two ingests cannot
 	// deadlock, so that a reader sees each type's part whole or not at all.
@@ -139,27 +166,31 @@ func (m *memoryStore) add(_ context.Context, batches []typeBatch, now time.Time)
 			t.mu.Unlock()
 		}
 	}()
+	if slices.ContainsFunc(all, func(t *memType) bool { return t.dead }) {
+		m.release(reserved)
+		return true, nil
+	}
 	anchors := make([]int64, len(batches))
 	for i, b := range batches {
 		t := all[i]
 		newest := b.newest
-		if t.version.Load() > 0 {
+		if t.written {
 			newest = max(newest, t.newest)
 		}
 		anchors[i] = anchorOf(newest, now.UnixMicro())
 		if b.keepUntil <= anchors[i] {
 			m.release(reserved)
-			return &tooOldError{typ: b.typ, anchor: anchors[i]}
+			return false, &tooOldError{typ: b.typ, anchor: anchors[i]}
 		}
 		if err := t.seriesRoom(b, m.maxSeries, anchors[i]); err != nil {
 			m.release(reserved)
-			return err
+			return false, err
 		}
 	}
 	for i, b := range batches {
 		all[i].apply(b, anchors[i], m.horizon)
 	}
-	return nil
+	return false, nil
 }
 
 func (m *memoryStore) addOnce(ctx context.Context, batches []typeBatch, now time.Time, o *onceKey) error {
@@ -177,14 +208,14 @@ func (m *memoryStore) addOnce(ctx context.Context, batches []typeBatch, now time
 }
 
 func (t *memType) apply(b typeBatch, anchor int64, h retention) {
-	if t.version.Load() == 0 {
+	if !t.written {
 		t.first, t.newest = b.first, b.newest
 	}
 	for _, sb := range b.series {
 		if t.series[sb.id] != nil {
 			continue
 		}
-		if t.version.Load() == 0 && len(b.series) == 1 {
+		if !t.written && len(b.series) == 1 {
 			t.addSeries(sb.id, &t.memBuckets) // its buckets are the type's
 			continue
 		}
@@ -201,6 +232,7 @@ func (t *memType) apply(b typeBatch, anchor int64, h retention) {
 		s.until = max(s.until, sb.until)
 	}
 	t.version.Add(uint64(b.samples))
+	t.written = true
 }
 
 // unshare gives the type's one series buckets of its own, when it has
@@ -337,6 +369,9 @@ func (m *memoryStore) typesFor(batches []typeBatch) (all, reserved []*memType, e
 	for _, i := range fresh {
 		if all[i] == nil {
 			all[i] = &memType{}
+			if g, ok := m.graves.LoadAndDelete(batches[i].typ); ok {
+				all[i].version.Store(g.(grave).version)
+			}
 			m.byName.Store(batches[i].typ, all[i])
 		}
 		all[i].counted.Store(true)
@@ -353,7 +388,7 @@ func (m *memoryStore) release(reserved []*memType) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, t := range reserved {
-		if t.version.Load() == 0 {
+		if (!t.written || t.dead) && t.counted.Load() {
 			t.counted.Store(false)
 			m.count--
 		}
@@ -363,7 +398,7 @@ func (m *memoryStore) release(reserved []*memType) {
 func (m *memoryStore) meta(_ context.Context, typ string) (typeMeta, error) {
 	t := m.lookup(typ)
 	if t == nil {
-		return typeMeta{name: typ}, nil
+		return m.absent(typ), nil
 	}
 	t.mu.RLock()
 	defer t.mu.RUnlock()
@@ -378,7 +413,7 @@ func (m *memoryStore) read(_ context.Context, typ string, series []string, spans
 	out := make([][]storedBucket, len(series))
 	t := m.lookup(typ)
 	if t == nil {
-		return typeMeta{name: typ}, out, nil
+		return m.absent(typ), out, nil
 	}
 	t.mu.RLock()
 	defer t.mu.RUnlock()
@@ -443,7 +478,7 @@ func (m *memoryStore) types(_ context.Context, now time.Time) ([]typeMeta, error
 	m.byName.Range(func(k, v any) bool {
 		t := v.(*memType)
 		t.mu.RLock()
-		if t.version.Load() > 0 {
+		if t.written {
 			meta := t.metaLocked(k.(string))
 			// Only the series that still hold data, swept or not.
 			anchor := meta.anchor(now.UnixMicro())
@@ -475,6 +510,12 @@ func (m *memoryStore) types(_ context.Context, now time.Time) ([]typeMeta, error
 // while its own buckets are trimmed.
 func (m *memoryStore) sweep(now time.Time) {
 	m.once.sweep(now)
+	m.graves.Range(func(k, v any) bool {
+		if now.UnixNano() >= v.(grave).until {
+			m.graves.CompareAndDelete(k, v)
+		}
+		return true
+	})
 	m.byName.Range(func(_, v any) bool {
 		t := v.(*memType)
 		t.mu.Lock()
@@ -524,6 +565,9 @@ type redisStore struct {
 	maxSeries int
 	queue     ingestQueue // ingests waiting to be applied in a group (groupcommit.go)
 	grouped   bool        // small ingests share runs; false with REDIS_PIPELINE=false
+	cacheTTL  time.Duration
+	// deleteBudget is how many keys a delete's step may read.
+	deleteBudget int
 }
 
 //go:embed lua/ingest.lua
@@ -532,7 +576,7 @@ var ingestLua string
 var ingestScript = newScript(ingestLua)
 
 func newRedisStore(pool *redisPool, k keys, h retention, maxTypes, maxSeries int) *redisStore {
-	return &redisStore{pool: pool, keys: k, horizon: h, maxTypes: maxTypes, maxSeries: maxSeries}
+	return &redisStore{pool: pool, keys: k, horizon: h, maxTypes: maxTypes, maxSeries: maxSeries, deleteBudget: deleteBudget}
 }
 
 // ingestGrace is how long past REDIS_TIMEOUT an ingest waits for its
@@ -981,16 +1025,31 @@ func (s *redisStore) series(ctx context.Context, typ string, match []label) (ver
 	return version, ids, err
 }
 
+// parseMeta reads a meta hash's v, f and n, and d when asked for. A
+// deleted type's meta has a version and no first sample: it holds no data.
 func parseMeta(typ string, reply any) (typeMeta, error) {
 	vals, err := redis.Strings(reply, nil)
-	if err != nil || len(vals) != 3 || vals[0] == "" {
+	if err != nil || len(vals) < 3 || vals[0] == "" {
 		return typeMeta{name: typ}, err
 	}
 	m := typeMeta{name: typ}
-	var errs [3]error
+	var errs [4]error
 	m.version, errs[0] = strconv.ParseUint(vals[0], 10, 64)
+	if vals[1] == "" {
+		m.deleted = true
+		return m, errs[0]
+	}
 	m.first, errs[1] = strconv.ParseInt(vals[1], 10, 64)
 	m.newest, errs[2] = strconv.ParseInt(vals[2], 10, 64)
+	// The samples a delete took away, and one for each delete, which
+	// bumped the version too; without a delete, none.
+	if len(vals) > 3 && vals[3] != "" {
+		var gone uint64
+		gone, errs[3] = strconv.ParseUint(vals[3], 10, 64)
+		m.total.count = int64(m.version - gone)
+	} else {
+		m.total.count = int64(m.version)
+	}
 	if err := errors.Join(errs[:]...); err != nil {
 		return typeMeta{name: typ}, fmt.Errorf("malformed meta of %s: %w", typ, err)
 	}
@@ -1095,7 +1154,7 @@ func (s *redisStore) metas(ctx context.Context, names []string) ([]typeMeta, err
 	out := make([]typeMeta, len(names))
 	err := s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
 		for _, name := range names {
-			c.Send("HMGET", s.keys.meta(name), "v", "f", "n")
+			c.Send("HMGET", s.keys.meta(name), "v", "f", "n", "d")
 		}
 		replies, err := redis.Values(do(c, deadline, ""))
 		if err != nil {
@@ -1107,9 +1166,10 @@ func (s *redisStore) metas(ctx context.Context, names []string) ([]typeMeta, err
 				return err
 			}
 			// Every sample ever stored is in the running total, and only
-			// there when days are kept forever: its count is the version.
-			if s.horizon.forever() {
-				m.total.count = int64(m.version)
+			// there when days are kept forever: its count is the version,
+			// less what deletes took away (parseMeta).
+			if !s.horizon.forever() {
+				m.total.count = 0
 			}
 			out[n] = m
 		}
@@ -1136,7 +1196,7 @@ func (s *redisStore) types(ctx context.Context, now time.Time) ([]typeMeta, erro
 			return nil, err
 		}
 		for _, m := range ms {
-			if m.version > 0 {
+			if m.version > 0 && !m.deleted {
 				out = append(out, m)
 			}
 		}

@@ -90,6 +90,34 @@ func sameValues(a, b aggregateValues) bool {
 		bits(a.P90) == bits(b.P90) && bits(a.P95) == bits(b.P95) && bits(a.P99) == bits(b.P99)
 }
 
+// checkStoresAgree reads typ's window [from, to) with filter f from the
+// memory backend and a Redis one: they agree to the bit, and with a
+// recomputation from raw, whose sum is added in another order: the sum to
+// rounding, the rest exactly.
+func checkStoresAgree(t *testing.T, name string, mem, rb backend, typ string, from, to *int64, f labelFilter, raw []rawSample) {
+	t.Helper()
+	ctx := context.Background()
+	m, _, err := mem.reader.window(ctx, typ, from, to, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, _, err := rb.reader.window(ctx, typ, from, to, f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mv, rv := onlyGroup(m), onlyGroup(r)
+	name = fmt.Sprintf("%s over [%s, %s)", name, optBound(from), optBound(to))
+	if !sameValues(mv, rv) {
+		t.Fatalf("%s: memory %+v, redis %+v", name, mv, rv)
+	}
+	if st, _ := bruteForce(raw, from, to); math.Abs(rv.Sum-st.sum) > 1e-9*float64(st.count)*200 {
+		t.Fatalf("%s: sum %v, want %v", name, rv.Sum, st.sum)
+	} else {
+		rv.Sum = st.sum
+	}
+	checkAgainstBruteForce(t, name, rv, raw, from, to)
+}
+
 func checkAgainstBruteForce(t *testing.T, name string, got aggregateValues, raw []rawSample, from, to *int64) {
 	t.Helper()
 	st, pct := bruteForce(raw, from, to)

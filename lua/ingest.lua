@@ -99,8 +99,10 @@ for i = 1, ntypes do
   local nunits = tonumber(ARGV[a + 6])
   a, k = a + 7, k + 4
   local m = redis.call('HMGET', ty.meta, 'v', 'f', 'n', 's')
-  ty.version = tonumber(m[1]) or 0
-  if ty.version > 0 then
+  -- A type holds data when its meta has its first sample; a deleted
+  -- type's meta keeps only its version (lua/delete.lua), which goes on.
+  ty.version, ty.exists = tonumber(m[1]) or 0, m[2] ~= false
+  if ty.exists then
     ty.first = math.min(ty.first, tonumber(m[2]))
     ty.newest = math.max(ty.newest, tonumber(m[3]))
   end
@@ -168,7 +170,7 @@ for i = 1, ntypes do
   -- the writes.
   local unknown = {}
   for u, un in ipairs(ty.units) do
-    un.present = ty.version > 0 and (u == 1 or un.known)
+    un.present = ty.exists and (u == 1 or un.known)
     if not un.present then
       for j = un.firstKey, un.lastKey do unknown[#unknown + 1] = KEYS[j] end
       unknown[#unknown + 1] = un.meta
@@ -184,7 +186,7 @@ for i = 1, ntypes do
     un.present = un.present or strays
     local s = false
     if u == 1 then s = m[4] elseif un.present then s = redis.call('HGET', un.meta, 's') end
-    un.sweep = ty.version > 0 and nidx > 0 and ty.anchor > (tonumber(s) or -math.huge)
+    un.sweep = ty.exists and nidx > 0 and ty.anchor > (tonumber(s) or -math.huge)
   end
   redis.call('SCARD', ty.compactKey)
   -- The series that hold no data are dropped (trim) when the anchor moves,
@@ -229,7 +231,7 @@ for i = 1, ntypes do
         for j = 1, nidx do indexed[j] = true end
       end
       for j in pairs(indexed) do redis.call('ZCARD', un.idxKeys[j]) end
-    elseif ty.version > 0 then
+    elseif ty.exists then
       -- A new series of a type that has retention indexes: its own are
       -- absent, and so of no wrong type.
       un.sweep = false
@@ -241,7 +243,7 @@ local names = {}
 for _, ty in ipairs(types) do
   -- A written type is in the registry (both are written together); only
   -- the others need asking.
-  ty.member = ty.version > 0
+  ty.member = ty.exists
   if not ty.member then names[#names + 1] = ty end
 end
 for j = 1, #names, 1000 do
@@ -256,7 +258,7 @@ end
 local function tooOld(ty) return ty.keepUntil <= ty.anchor end
 local newTypes, firstNew = 0, nil
 for _, ty in ipairs(types) do
-  if ty.version == 0 and tooOld(ty) then
+  if not ty.exists and tooOld(ty) then
     return redis.error_reply('TOOOLD ' .. ty.name .. ' ' .. int(ty.anchor))
   end
   if not ty.member then
@@ -445,13 +447,15 @@ for _, ty in ipairs(types) do
     redis.call('SADD', KEYS[2], ty.name)
   end
   local meta = {'v', int(ty.version + ty.n), 'f', int(ty.first), 'n', int(ty.newest)}
-  if ty.units[1].sweep and ty.units[1].done and trimmed or ty.version == 0 then
+  if ty.units[1].sweep and ty.units[1].done and trimmed or not ty.exists then
     meta[#meta + 1], meta[#meta + 2] = 's', int(ty.anchor)
   end
   redis.call('HSET', ty.meta, unpack(meta))
+  if not ty.exists and ty.version > 0 then redis.call('PERSIST', ty.meta) end
 end
 if once then
   redis.call('SET', KEYS[#KEYS], ARGV[#ARGV - 1], 'PX', ARGV[#ARGV])
 end
-redis.call('PUBLISH', ARGV[a], ARGV[a + 1])
+-- An ingest of no samples only records its key: nothing to publish.
+if ntypes > 0 then redis.call('PUBLISH', ARGV[a], ARGV[a + 1]) end
 return 1

@@ -1,0 +1,247 @@
+package main
+
+import (
+	"context"
+	_ "embed"
+	"log/slog"
+	"maps"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/gomodule/redigo/redis"
+)
+
+// Deleting: DELETE /api/metrics?metric_type=T[&label=k:v] removes the
+// type's series that hold every label given (all of them without one),
+// with their buckets and index entries, and frees their MAX_SERIES room;
+// with its last series the type goes, and frees its MAX_TYPES room. The
+// type-wide buckets are added up again from the series that remain. Each
+// store does it in one atomic step, so a read sees the series whole or
+// not at all, and it bumps the type's version in that step, so no answer
+// cached before it is served after it, on any instance; the type's cached
+// answers are then dropped too, for their room.
+
+// handleDelete answers a delete. It is routed only with AUTH_TOKENS set,
+// behind the write gate's token and rate limit (main.go).
+func handleDelete(log *slog.Logger, store metricStore, cache *readCache, now func() time.Time) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		typ, err := parseMetricType(q)
+		var f labelFilter
+		if err == nil {
+			f, err = parseLabelFilter(q["label"], nil)
+		}
+		var n int
+		if err == nil {
+			n, err = store.remove(r.Context(), typ, f.match, now())
+		}
+		if err != nil {
+			writeFailure(w, r, log, err)
+			return
+		}
+		// The version already keeps the old answers from being served.
+		if err := cache.entries.purge(r.Context(), typ); err != nil {
+			log.Warn("cached answers of a deleted type not dropped", "type", typ, "err", err)
+		}
+		writeJSON(w, http.StatusOK, struct {
+			Message string `json:"message"`
+			Type    string `json:"type"`
+			Series  int    `json:"series"`
+		}{"deleted", typ, n})
+	})
+}
+
+// handleDeleteRefused answers every delete when AUTH_TOKENS is not set: a
+// service anyone can write to must not let anyone erase it.
+func handleDeleteRefused() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusForbidden, "deleting needs AUTH_TOKENS")
+	})
+}
+
+// ---- memory ----
+
+// grave is what a deleted type leaves in the memory store: its version,
+// bumped, until Unix ns until.
+type grave struct {
+	version uint64
+	until   int64
+}
+
+func (m *memoryStore) remove(_ context.Context, typ string, match []label, now time.Time) (int, error) {
+	t := m.lookup(typ)
+	if t == nil {
+		return 0, nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	ids := t.matching(match)
+	if len(ids) == 0 {
+		return 0, nil
+	}
+	if len(ids) == len(t.series) {
+		// The whole type goes. An ingest that found it before finds it
+		// dead once it holds its lock, and looks again (add); a type of
+		// the name made after goes on from its version (typesFor).
+		t.dead = true
+		m.graves.Store(typ, grave{version: t.version.Load() + 1, until: now.Add(m.forget).UnixNano()})
+		m.byName.CompareAndDelete(typ, t)
+		m.mu.Lock()
+		if t.counted.Load() {
+			t.counted.Store(false)
+			m.count--
+		}
+		m.mu.Unlock()
+		return len(ids), nil
+	}
+	// The type-wide buckets the deleted series held are added up again.
+	type at struct {
+		res   resolution
+		start int64
+	}
+	touched := map[at]bool{}
+	for _, id := range ids {
+		s := t.series[id]
+		for r := range s.buckets {
+			for _, b := range s.buckets[r] {
+				touched[at{resolution(r), b.start}] = true
+			}
+		}
+		t.dropSeries(id)
+	}
+	t.rebuild(func(r resolution, start int64) bool { return touched[at{r, start}] })
+	t.version.Add(1)
+	return len(ids), nil
+}
+
+// matching is the ids of the type's series that hold every label in
+// match (all of them for none).
+func (t *memType) matching(match []label) []string {
+	if len(match) == 0 {
+		return slices.Collect(maps.Keys(t.series))
+	}
+	var out []string
+	for id := range t.pairs[match[0]] {
+		if !slices.ContainsFunc(match[1:], func(l label) bool { return !t.pairs[l][id] }) {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// rebuild adds up again the type-wide buckets for which touched holds, and
+// the running total, from the type's series, in the order of their ids, as
+// lua/delete.lua does: each series' bucket is its records already added
+// up, so both stores hold the same sums.
+func (t *memType) rebuild(touched func(r resolution, start int64) bool) {
+	for r := range t.buckets {
+		t.buckets[r] = slices.DeleteFunc(t.buckets[r], func(b memBucket) bool { return touched(resolution(r), b.start) })
+	}
+	t.all = memBucket{}
+	for _, id := range slices.Sorted(maps.Keys(t.series)) {
+		s := t.series[id]
+		for r := range s.buckets {
+			for _, b := range s.buckets[r] {
+				if touched(resolution(r), b.start) {
+					t.memBuckets.apply([]bucketDelta{deltaOf(resolution(r), b)}, 0, retention{})
+				}
+			}
+		}
+		if s.all.count > 0 {
+			t.all.merge(deltaOf(resAll, s.all))
+		}
+	}
+}
+
+// deltaOf is a bucket as a delta, to merge it into another.
+func deltaOf(r resolution, b memBucket) bucketDelta {
+	d := bucketDelta{res: r, start: b.start, stats: b.stats, zero: b.zero}
+	eachBin(b.bins, func(code int32, n uint64) { d.bins = append(d.bins, binCount{code, n}) })
+	return d
+}
+
+// ---- Redis ----
+
+//go:embed lua/delete.lua
+var deleteLua string
+
+var deleteScript = newScript(deleteLua)
+
+// deleteBudget is how many keys one delete may read in its atomic step by
+// default (redisStore.deleteBudget): about a tenth of a second of Redis's
+// time, during which it serves nothing else.
+const deleteBudget = 200_000
+
+// deleteAttempts bounds how often a delete reads the series again when
+// series came or went between its reading them and its step.
+const deleteAttempts = 3
+
+// graveLifetime is how long a deleted type's version is kept: longer than
+// any answer of it can stay cached.
+func graveLifetime(cacheTTL time.Duration) time.Duration { return 2*cacheTTL + time.Minute }
+
+func (s *redisStore) remove(ctx context.Context, typ string, match []label, _ time.Time) (int, error) {
+	for attempt := 1; ; attempt++ {
+		n, err := s.removeOnce(ctx, typ, match)
+		if rerr, ok := err.(redis.Error); !ok || !strings.HasPrefix(string(rerr), "CHANGED") || attempt == deleteAttempts {
+			return n, err
+		}
+	}
+}
+
+// removeOnce reads the type's series, then deletes those that match in
+// one run of lua/delete.lua, which checks that the series are still the
+// ones read.
+func (s *redisStore) removeOnce(ctx context.Context, typ string, match []label) (int, error) {
+	_, all, err := s.series(ctx, typ, nil)
+	if err != nil || len(all) == 0 {
+		return 0, err
+	}
+	matched := all
+	if len(match) > 0 {
+		if _, matched, err = s.series(ctx, typ, match); err != nil || len(matched) == 0 {
+			return 0, err
+		}
+	}
+	keys := []string{s.keys.types(), s.keys.compactTypes(), s.keys.meta(typ), s.keys.seriesRegistry(typ),
+		s.keys.seriesUntil(typ), s.keys.compactBuckets(typ)}
+	args := []any{typ, s.keys.tag(typ), graveLifetime(s.cacheTTL).Milliseconds(), s.deleteBudget, int(numRes)}
+	for r := res1s; r < numRes; r++ {
+		args = append(args, r.String(), r.seconds(), r.chunk()*r.seconds(), s.horizon[r] != 0)
+	}
+	args = append(args, len(matched))
+	holders := map[string][]string{} // label set key -> the deleted ids in it
+	for _, id := range matched {
+		args = append(args, seriesHash(id), id)
+		labels, _ := parseSeriesID(id) // made by seriesID
+		for _, l := range labels {
+			k := s.keys.labelIndex(typ, l)
+			holders[k] = append(holders[k], id)
+		}
+	}
+	rest := slices.DeleteFunc(slices.Clone(all), func(id string) bool { _, ok := slices.BinarySearch(matched, id); return ok })
+	args = append(args, len(rest))
+	for _, id := range rest {
+		args = append(args, seriesHash(id))
+	}
+	for _, k := range slices.Sorted(maps.Keys(holders)) {
+		keys = append(keys, k)
+		args = append(args, len(holders[k]))
+		for _, id := range holders[k] {
+			args = append(args, id)
+		}
+	}
+	var n int
+	err = s.pool.with(ctx, "delete", func(c redis.Conn, deadline time.Time) error {
+		var err error
+		n, err = redis.Int(deleteScript.run(c, deadline.Add(ingestGrace), keys, args...))
+		return err
+	})
+	if rerr, ok := err.(redis.Error); ok && strings.HasPrefix(string(rerr), "TOOBIG") {
+		return 0, unprocessable("deleting %d series of %s would read more than %d keys in one step, during which Redis answers nothing else: delete fewer series at a time (label=...)",
+			len(matched), typ, s.deleteBudget)
+	}
+	return n, err
+}

@@ -1,0 +1,348 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+const deleteToken = "delete-token-0123456789"
+
+// deleteWith sends DELETE /api/metrics with query q and the token.
+func deleteWith(t *testing.T, base, q, token string) response {
+	t.Helper()
+	var header []string
+	if token != "" {
+		header = []string{"Authorization", "Bearer " + token}
+	}
+	return sendWith(t, "DELETE", base+"/api/metrics?"+q, "", header...)
+}
+
+// TestDelete: a delete of some series or of a type is gone from the
+// summary (cached before it, too), series, types and labels, on every
+// instance; it frees its MAX_SERIES and MAX_TYPES room; a type made again
+// holds only its new data; it needs a right token.
+func TestDelete(t *testing.T) {
+	forEachStore(t, func(c *config) {
+		c.AuthTokens = []string{deleteToken}
+		c.MaxTypes, c.MaxSeries = 2, 3
+	}, func(t *testing.T, e storeEnv) {
+		bases := []string{serve(t, e.cfg, e.b)}
+		if e.reopen != nil {
+			bases = append(bases, serve(t, e.cfg, e.reopen()))
+		}
+		auth := []string{"Authorization", "Bearer " + deleteToken}
+		write := func(base, body string, want int) {
+			t.Helper()
+			if r := sendWith(t, "POST", base+"/api/metrics", body, auth...); r.status != want {
+				t.Fatalf("post %s: %d %s, want %d", body, r.status, r.body, want)
+			}
+		}
+		write(bases[0], "["+metricBody("cpu", sampleTime, 1)+","+hostBody("cpu", "a", sampleTime, 10)+","+
+			hostBody("cpu", "a", sampleTime.Add(time.Minute), 20)+","+hostBody("cpu", "b", sampleTime, 100)+","+
+			metricBody("mem", sampleTime, 7)+"]", 201)
+		summary := func(base, q string) map[string]any {
+			t.Helper()
+			r := sendWith(t, "GET", base+"/api/metrics/summary?"+q, "")
+			if r.status != 200 {
+				t.Fatalf("summary %s: %d %s", q, r.status, r.body)
+			}
+			return r.json(t)
+		}
+		for _, base := range bases { // cached on every instance
+			if got := summary(base, "metric_type=cpu")["count"]; got != 4.0 {
+				t.Fatalf("cpu count %v, want 4", got)
+			}
+		}
+		write(bases[0], hostBody("cpu", "c", sampleTime, 1), 422)      // MAX_SERIES
+		write(bases[0], metricBody("disk", sampleTime, 1), 422)        // MAX_TYPES
+		for _, token := range []string{"", "wrong-token-0123456789"} { // refused, nothing deleted
+			r := deleteWith(t, bases[0], "metric_type=cpu", token)
+			if r.status != 401 || r.header.Get("WWW-Authenticate") != "Bearer" {
+				t.Fatalf("delete with token %q: %d %v %s, want 401", token, r.status, r.header, r.body)
+			}
+		}
+
+		r := deleteWith(t, bases[len(bases)-1], "metric_type=cpu&label=host:a", deleteToken)
+		if r.status != 200 || r.body != `{"message":"deleted","type":"cpu","series":1}`+"\n" {
+			t.Fatalf("delete host a: %d %s", r.status, r.body)
+		}
+		for _, base := range bases {
+			s := summary(base, "metric_type=cpu")
+			if s["count"] != 2.0 || s["sum"] != 101.0 || s["max"] != 100.0 {
+				t.Fatalf("cpu after deleting host a, at %s: %v, want count 2 sum 101 max 100", base, s)
+			}
+			if s := summary(base, "metric_type=cpu&label=host:a"); s["count"] != 0.0 {
+				t.Fatalf("host a after its delete: %v", s)
+			}
+			labels := sendWith(t, "GET", base+"/api/metrics/labels?metric_type=cpu", "")
+			if !strings.Contains(labels.body, `"host":["b"]`) {
+				t.Fatalf("labels after deleting host a: %s", labels.body)
+			}
+			series := sendWith(t, "GET", base+"/api/metrics/series?metric_type=cpu&from=2025-01-01T10:00:00Z&to=2025-01-01T10:02:00Z&step=1m", "")
+			if !strings.Contains(series.body, `"count":2,`) || strings.Contains(series.body, `"sum":20`) {
+				t.Fatalf("series after deleting host a: %s", series.body)
+			}
+		}
+		write(bases[0], hostBody("cpu", "c", sampleTime, 1), 201) // its room is free
+
+		// Nothing matches: nothing deleted; unknown type: the same.
+		for _, q := range []string{"metric_type=cpu&label=host:zz", "metric_type=nope"} {
+			if r := deleteWith(t, bases[0], q, deleteToken); r.status != 200 || !strings.Contains(r.body, `"series":0`) {
+				t.Fatalf("delete %s: %d %s", q, r.status, r.body)
+			}
+		}
+		for _, q := range []string{"", "metric_type=bad%20type", "metric_type=cpu&label=host", "metric_type=cpu&label=9x:y"} {
+			if r := deleteWith(t, bases[0], q, deleteToken); r.status != 422 {
+				t.Fatalf("delete %q: %d %s, want 422", q, r.status, r.body)
+			}
+		}
+
+		// The whole type: gone from types, its room free, and made again
+		// it holds only what comes after.
+		if got := summary(bases[0], "metric_type=mem")["count"]; got != 1.0 {
+			t.Fatalf("mem count %v", got)
+		}
+		if r := deleteWith(t, bases[0], "metric_type=mem", deleteToken); r.status != 200 || !strings.Contains(r.body, `"series":1`) {
+			t.Fatalf("delete mem: %d %s", r.status, r.body)
+		}
+		for _, base := range bases {
+			if got := summary(base, "metric_type=mem")["count"]; got != 0.0 {
+				t.Fatalf("mem after its delete, at %s: count %v", base, got)
+			}
+			if types := sendWith(t, "GET", base+"/api/metrics/types", ""); strings.Contains(types.body, `"mem"`) {
+				t.Fatalf("types after deleting mem: %s", types.body)
+			}
+		}
+		write(bases[0], metricBody("disk", sampleTime, 1), 201)
+		if r := deleteWith(t, bases[0], "metric_type=disk", deleteToken); r.status != 200 {
+			t.Fatalf("delete disk: %d %s", r.status, r.body)
+		}
+		write(bases[len(bases)-1], metricBody("mem", sampleTime, 3), 201)
+		for _, base := range bases {
+			s := summary(base, "metric_type=mem")
+			if s["count"] != 1.0 || s["sum"] != 3.0 {
+				t.Fatalf("mem made again, at %s: %v, want count 1 sum 3", base, s)
+			}
+		}
+		types := sendWith(t, "GET", bases[0]+"/api/metrics/types", "")
+		if !strings.Contains(types.body, `{"type":"cpu","count":3,`) || !strings.Contains(types.body, `{"type":"mem","count":1,`) {
+			t.Fatalf("types: %s", types.body)
+		}
+	})
+}
+
+// TestDeleteNeedsTokens: without AUTH_TOKENS every delete is 403.
+func TestDeleteNeedsTokens(t *testing.T) {
+	cfg := testConfig(t)
+	b := newMemoryBackend(cfg, time.Now)
+	base := serve(t, cfg, b)
+	if r := post(t, base, metricBody("cpu", sampleTime, 1)); r.status != 201 {
+		t.Fatalf("post: %d", r.status)
+	}
+	for _, token := range []string{"", "any-token-0123456789"} {
+		r := deleteWith(t, base, "metric_type=cpu", token)
+		if r.status != 403 || r.body != `{"detail":"deleting needs AUTH_TOKENS"}`+"\n" {
+			t.Fatalf("delete without AUTH_TOKENS: %d %s", r.status, r.body)
+		}
+	}
+	if n := count(t, b, "cpu"); n != 1 {
+		t.Fatalf("%d samples after refused deletes", n)
+	}
+}
+
+// holds reports whether the sample's labels include every pair in match.
+func (r labelledRaw) holds(match []label) bool {
+	return !slices.ContainsFunc(match, func(l label) bool { v, ok := r.labels[l.name]; return !ok || v != l.value })
+}
+
+// TestDeleteMatchesRecomputation deletes random sets of series and whole
+// types from the memory store and from Redis, through two instances, after
+// random ingests: every window, of the type and of each label, agrees
+// between the stores to the bit, and with a recomputation from the samples
+// that remain; so do the types' metas and listing. With retention kept
+// forever a delete finds buckets at every start, without indexes; with
+// the default retention, by the indexes.
+func TestDeleteMatchesRecomputation(t *testing.T) {
+	def := testConfig(t).Retention
+	for _, tc := range []struct {
+		name  string
+		h     retention
+		clock time.Duration
+	}{{"forever", retention{}, 10 * 24 * time.Hour}, {"default", def, 3 * time.Hour}} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := testConfig(t)
+			cfg.Retention = tc.h
+			clock := newFakeClock(testEpoch.Add(tc.clock))
+			mem, ra, rb := comparedStores(t, cfg, clock)
+			ctx := context.Background()
+			rng := rand.New(rand.NewPCG(5, 6))
+			span := int64(2 * 3600)
+			types := []string{"cpu", "mem", "disk"}
+			hosts, regions := []string{"", "a", "b", "c", "d"}, []string{"", "x", "y"}
+			raw := map[string][]labelledRaw{}
+			ingest := func(n int) {
+				for i := range n {
+					var in []sample
+					for range 1 + rng.IntN(6) {
+						typ := types[rng.IntN(len(types))]
+						r := labelledRaw{labels: map[string]string{}}
+						var ls []label
+						if h := hosts[rng.IntN(len(hosts))]; h != "" {
+							ls, r.labels["host"] = append(ls, label{"host", h}), h
+						}
+						if g := regions[rng.IntN(len(regions))]; g != "" {
+							ls, r.labels["region"] = append(ls, label{"region", g}), g
+						}
+						r.at = testEpoch.Add(time.Duration(rng.Int64N(span))*time.Second).UnixMicro() + rng.Int64N(1_000_000)
+						r.value = float64(rng.IntN(4001)-2000) / 10
+						in = append(in, sample{typ: typ, series: seriesID(ls), at: r.at, value: r.value})
+						raw[typ] = append(raw[typ], r)
+					}
+					addSamples(t, mem.store, cfg.Retention, in, clock.now())
+					addSamples(t, []backend{ra, rb}[i%2].store, cfg.Retention, in, clock.now())
+				}
+			}
+			compare := func(step string) {
+				t.Helper()
+				windows := []window{allTime}
+				if tc.h == (retention{}) {
+					windows = groupWindows(rng, span)[:60]
+				}
+				for _, typ := range types {
+					filters := [][]label{nil}
+					for _, h := range hosts[1:] {
+						filters = append(filters, []label{{"host", h}})
+					}
+					for _, r := range regions[1:] {
+						filters = append(filters, []label{{"region", r}})
+					}
+					for _, match := range filters {
+						var kept []rawSample
+						for _, r := range raw[typ] {
+							if r.holds(match) {
+								kept = append(kept, r.rawSample)
+							}
+						}
+						for _, w := range windows {
+							from, to := w.bounds()
+							checkStoresAgree(t, fmt.Sprintf("%s: %s %v", step, typ, match), mem, rb, typ, from, to, labelFilter{match: match}, kept)
+						}
+					}
+					mm, _ := mem.store.meta(ctx, typ)
+					rm, _ := rb.store.meta(ctx, typ)
+					if mm.version != rm.version || mm.first != rm.first || mm.newest != rm.newest {
+						t.Fatalf("%s: %s meta: memory %+v, redis %+v", step, typ, mm, rm)
+					}
+				}
+				mt, err := mem.store.types(ctx, clock.now())
+				if err != nil {
+					t.Fatal(err)
+				}
+				rt, err := ra.store.types(ctx, clock.now())
+				if err != nil {
+					t.Fatal(err)
+				}
+				describe := func(ms []typeMeta) string {
+					var out []string
+					for _, m := range ms {
+						c := int64(0)
+						if tc.h.forever() {
+							c = m.total.count
+						}
+						out = append(out, fmt.Sprintf("%s v%d n%d s%d", m.name, m.version, c, m.series))
+					}
+					return strings.Join(out, ", ")
+				}
+				if describe(mt) != describe(rt) {
+					t.Fatalf("%s: types: memory %s, redis %s", step, describe(mt), describe(rt))
+				}
+			}
+
+			ingest(300)
+			compare("after the ingests")
+			deletes := []struct {
+				typ   string
+				match []label
+			}{
+				{"cpu", []label{{"host", "a"}}},
+				{"cpu", []label{{"region", "x"}}},
+				{"mem", []label{{"host", "b"}, {"region", "y"}}},
+				{"cpu", []label{{"host", "zz"}}},
+				{"disk", nil},
+				{"mem", []label{{"host", "c"}}},
+				{"cpu", nil},
+			}
+			for i, d := range deletes {
+				if i == 5 {
+					ingest(100) // disk made again, the others grown
+					compare("after more ingests")
+				}
+				step := fmt.Sprintf("delete %d (%s %v)", i, d.typ, d.match)
+				n, err := mem.store.remove(ctx, d.typ, d.match, clock.now())
+				if err != nil {
+					t.Fatal(err)
+				}
+				rn, err := []backend{ra, rb}[i%2].store.remove(ctx, d.typ, d.match, clock.now())
+				if err != nil {
+					t.Fatalf("%s: redis: %v", step, err)
+				}
+				if n != rn {
+					t.Fatalf("%s: memory deleted %d series, redis %d", step, n, rn)
+				}
+				if want := i != 3; (n > 0) != want {
+					t.Fatalf("%s: %d series deleted", step, n)
+				}
+				raw[d.typ] = slices.DeleteFunc(raw[d.typ], func(r labelledRaw) bool { return r.holds(d.match) })
+				compare(step)
+			}
+		})
+	}
+}
+
+// TestRedisDeleteOverBudget: a delete that would read more keys than its
+// step may is refused with 422 and deletes nothing.
+func TestRedisDeleteOverBudget(t *testing.T) {
+	e := redisStoreEnv(t, func(c *config) { c.AuthTokens = []string{deleteToken} })
+	e.b.store.(*redisStore).deleteBudget = 50
+	base := serve(t, e.cfg, e.b)
+	var body []string
+	for i := range 40 {
+		body = append(body, hostBody("cpu", "a", sampleTime.Add(time.Duration(i)*time.Second), 1), hostBody("cpu", "b", sampleTime, 2))
+	}
+	if r := sendWith(t, "POST", base+"/api/metrics", "["+strings.Join(body, ",")+"]", "Authorization", "Bearer "+deleteToken); r.status != 201 {
+		t.Fatalf("post: %d %s", r.status, r.body)
+	}
+	r := deleteWith(t, base, "metric_type=cpu&label=host:a", deleteToken)
+	if r.status != 422 || !strings.Contains(r.body, "more than 50 keys in one step") {
+		t.Fatalf("delete over budget: %d %s, want 422", r.status, r.body)
+	}
+	if n := count(t, e.b, "cpu"); n != 80 {
+		t.Fatalf("%d samples after a refused delete, want 80", n)
+	}
+}
+
+// TestRedisDeleteRedisDown: with Redis gone a delete is 503 with
+// Retry-After, within the time bound.
+func TestRedisDeleteRedisDown(t *testing.T) {
+	srv := startRedis(t)
+	cfg := testConfig(t)
+	cfg.RedisAddr, cfg.AuthTokens = srv.addr, []string{deleteToken}
+	cfg.RedisTimeout, cfg.LimiterTimeout = 300*time.Millisecond, 100*time.Millisecond
+	prefix := testPrefix()
+	b := newRedisBackend(testPool(t, cfg, prefix), prefix, cfg, time.Now)
+	base := serve(t, cfg, b)
+	if r := sendWith(t, "POST", base+"/api/metrics", metricBody("cpu", sampleTime, 1), "Authorization", "Bearer "+deleteToken); r.status != 201 {
+		t.Fatalf("post: %d %s", r.status, r.body)
+	}
+	srv.kill()
+	start := time.Now()
+	r := deleteWith(t, base, "metric_type=cpu", deleteToken)
+	if r.status != 503 || r.header.Get("Retry-After") == "" || time.Since(start) > 2*time.Second {
+		t.Fatalf("delete with Redis gone: %d %v %s after %v, want 503 with Retry-After within 2 s", r.status, r.header, r.body, time.Since(start))
+	}
+}
