@@ -29,6 +29,9 @@ func startUpkeep(ctx context.Context, cfg config, b backend, log *slog.Logger) (
 		// tried again on the next tick.
 		wg.Go(func() { every(ctx, compactEvery, b.now, func(time.Time) { b.compact(ctx) }) })
 	}
+	if b.reclaim != nil {
+		wg.Go(func() { every(ctx, compactEvery, b.now, func(time.Time) { b.reclaim(ctx) }) })
+	}
 	return func() {
 		cancel()
 		wg.Wait()

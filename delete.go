@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	_ "embed"
+	"errors"
+	"fmt"
 	"log/slog"
 	"maps"
 	"net/http"
@@ -29,6 +31,14 @@ func handleDelete(log *slog.Logger, store metricStore, cache *readCache, now fun
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
 		typ, err := parseMetricType(q)
+		// A delete does what it is asked exactly or nothing: a parameter
+		// it does not take (a window, a second type) is refused, not
+		// ignored.
+		for name, vals := range q {
+			if name != "label" && (name != "metric_type" || len(vals) > 1) {
+				err = unprocessable("a delete takes one metric_type and label=name:value filters only; got %s", truncate(name, 40))
+			}
+		}
 		var f labelFilter
 		if err == nil {
 			f, err = parseLabelFilter(q["label"], nil)
@@ -59,6 +69,13 @@ func handleDeleteRefused() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusForbidden, "deleting needs AUTH_TOKENS")
 	})
+}
+
+// errBeingDeleted refuses, storing nothing, an ingest into a type, or a
+// series, whose keys a delete is still reclaiming: for a moment after a
+// large delete on Redis.
+func errBeingDeleted(typ string) error {
+	return &requestError{http.StatusServiceUnavailable, fmt.Sprintf("%s is being deleted; try again in a moment", typ)}
 }
 
 // ---- memory ----
@@ -164,54 +181,45 @@ func deltaOf(r resolution, b memBucket) bucketDelta {
 
 // ---- Redis ----
 
+//go:embed lua/records.lua
+var recordsLua string
+
 //go:embed lua/delete.lua
 var deleteLua string
 
-var deleteScript = newScript(deleteLua)
+//go:embed lua/reclaim.lua
+var reclaimLua string
 
-// deleteBudget is how many keys one delete may read in its atomic step by
-// default (redisStore.deleteBudget): about a tenth of a second of Redis's
-// time, during which it serves nothing else.
-const deleteBudget = 200_000
+var (
+	deleteScript  = newScript(recordsLua + deleteLua)
+	reclaimScript = newScript(recordsLua + reclaimLua)
+)
 
-// deleteAttempts bounds how often a delete reads the series again when
-// series came or went between its reading them and its step.
-const deleteAttempts = 3
+// reclaimBudget is how many keys one step of reclaiming reads by default
+// (redisStore.reclaimStep): a few milliseconds of Redis's time, so a
+// delete of any size holds up no one.
+const reclaimBudget = 500
+
+// reclaimAfterDelete is how long a delete goes on reclaiming before it
+// answers by default (redisStore.reclaimWait), so a small delete is done
+// by then; the background goes on with the rest.
+const reclaimAfterDelete = time.Second
 
 // graveLifetime is how long a deleted type's version is kept: longer than
 // any answer of it can stay cached.
 func graveLifetime(cacheTTL time.Duration) time.Duration { return 2*cacheTTL + time.Minute }
 
+// remove deletes the matching series in one step that touches only the
+// registry (lua/delete.lua); their keys are reclaimed after, a few at a
+// time (reclaim).
 func (s *redisStore) remove(ctx context.Context, typ string, match []label, _ time.Time) (int, error) {
-	for attempt := 1; ; attempt++ {
-		n, err := s.removeOnce(ctx, typ, match)
-		if rerr, ok := err.(redis.Error); !ok || !strings.HasPrefix(string(rerr), "CHANGED") || attempt == deleteAttempts {
-			return n, err
-		}
-	}
-}
-
-// removeOnce reads the type's series, then deletes those that match in
-// one run of lua/delete.lua, which checks that the series are still the
-// ones read.
-func (s *redisStore) removeOnce(ctx context.Context, typ string, match []label) (int, error) {
-	_, all, err := s.series(ctx, typ, nil)
-	if err != nil || len(all) == 0 {
+	_, matched, err := s.series(ctx, typ, match)
+	if err != nil || len(matched) == 0 {
 		return 0, err
 	}
-	matched := all
-	if len(match) > 0 {
-		if _, matched, err = s.series(ctx, typ, match); err != nil || len(matched) == 0 {
-			return 0, err
-		}
-	}
-	keys := []string{s.keys.types(), s.keys.compactTypes(), s.keys.meta(typ), s.keys.seriesRegistry(typ),
-		s.keys.seriesUntil(typ), s.keys.compactBuckets(typ)}
-	args := []any{typ, s.keys.tag(typ), graveLifetime(s.cacheTTL).Milliseconds(), s.deleteBudget, int(numRes)}
-	for r := res1s; r < numRes; r++ {
-		args = append(args, r.String(), r.seconds(), r.chunk()*r.seconds(), s.horizon[r] != 0)
-	}
-	args = append(args, len(matched))
+	keys := []string{s.keys.types(), s.keys.reclaimTypes(), s.keys.compactTypes(), s.keys.meta(typ),
+		s.keys.seriesRegistry(typ), s.keys.seriesUntil(typ), s.keys.garbage(typ), s.keys.compactBuckets(typ)}
+	args := []any{typ, s.keys.tag(typ), len(matched)}
 	holders := map[string][]string{} // label set key -> the deleted ids in it
 	for _, id := range matched {
 		args = append(args, seriesHash(id), id)
@@ -220,11 +228,6 @@ func (s *redisStore) removeOnce(ctx context.Context, typ string, match []label) 
 			k := s.keys.labelIndex(typ, l)
 			holders[k] = append(holders[k], id)
 		}
-	}
-	rest := slices.DeleteFunc(slices.Clone(all), func(id string) bool { _, ok := slices.BinarySearch(matched, id); return ok })
-	args = append(args, len(rest))
-	for _, id := range rest {
-		args = append(args, seriesHash(id))
 	}
 	for _, k := range slices.Sorted(maps.Keys(holders)) {
 		keys = append(keys, k)
@@ -236,12 +239,81 @@ func (s *redisStore) removeOnce(ctx context.Context, typ string, match []label) 
 	var n int
 	err = s.pool.with(ctx, "delete", func(c redis.Conn, deadline time.Time) error {
 		var err error
-		n, err = redis.Int(deleteScript.run(c, deadline.Add(ingestGrace), keys, args...))
+		n, err = redis.Int(deleteScript.run(c, deadline, keys, args...))
 		return err
 	})
-	if rerr, ok := err.(redis.Error); ok && strings.HasPrefix(string(rerr), "TOOBIG") {
-		return 0, unprocessable("deleting %d series of %s would read more than %d keys in one step, during which Redis answers nothing else: delete fewer series at a time (label=...)",
-			len(matched), typ, s.deleteBudget)
+	if err != nil {
+		return 0, err
 	}
-	return n, err
+	// Failing here leaves the rest to the background: the delete is done.
+	rctx, cancel := context.WithTimeout(ctx, s.reclaimWait)
+	defer cancel()
+	_, _ = s.reclaimType(rctx, typ)
+	return n, nil
+}
+
+// reclaim goes on with every type that has garbage to reclaim, each for at
+// most a step's worth of steps per call; the background loop calls it.
+func (s *redisStore) reclaim(ctx context.Context) error {
+	var names []string
+	err := s.pool.with(ctx, "reclaim", func(c redis.Conn, deadline time.Time) error {
+		var err error
+		names, err = redis.Strings(do(c, deadline, "SMEMBERS", s.keys.reclaimTypes()))
+		return err
+	})
+	for _, typ := range names {
+		if err != nil {
+			break
+		}
+		rctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+		_, err = s.reclaimType(rctx, typ)
+		cancel()
+		if errors.Is(err, context.DeadlineExceeded) {
+			err = nil // more next time
+		}
+	}
+	return err
+}
+
+// reclaimType runs steps of lua/reclaim.lua for typ until it is done or
+// ctx ends.
+func (s *redisStore) reclaimType(ctx context.Context, typ string) (done bool, err error) {
+	for ctx.Err() == nil {
+		if done, err = s.reclaimStepOf(ctx, typ); done || err != nil {
+			return done, err
+		}
+	}
+	return false, ctx.Err()
+}
+
+// reclaimStepOf runs one step of lua/reclaim.lua for typ, with the
+// type's series as they are now, read again when they changed meanwhile.
+func (s *redisStore) reclaimStepOf(ctx context.Context, typ string) (done bool, err error) {
+	keys := []string{s.keys.reclaimTypes(), s.keys.meta(typ), s.keys.seriesRegistry(typ), s.keys.garbage(typ)}
+	args := []any{typ, s.keys.tag(typ), graveLifetime(s.cacheTTL).Milliseconds(), s.reclaimStep, int(numRes)}
+	for r := res1s; r < numRes; r++ {
+		args = append(args, r.String(), r.seconds(), r.chunk()*r.seconds(), s.horizon[r] != 0)
+	}
+	for attempt := 1; ; attempt++ {
+		_, ids, err := s.series(ctx, typ, nil)
+		if err != nil {
+			return false, err
+		}
+		call := append(slices.Clone(args), len(ids))
+		for _, id := range ids {
+			call = append(call, seriesHash(id))
+		}
+		var step int
+		err = s.pool.with(ctx, "reclaim", func(c redis.Conn, deadline time.Time) error {
+			var err error
+			step, err = redis.Int(reclaimScript.run(c, deadline, keys, call...))
+			return err
+		})
+		// New series keep coming: the next step, or the next tick, tries
+		// again.
+		if rerr, ok := err.(redis.Error); ok && strings.HasPrefix(string(rerr), "CHANGED") && attempt < 3 {
+			continue
+		}
+		return step == 1, err
+	}
 }

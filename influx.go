@@ -378,6 +378,8 @@ func handleLineProtocol(log *slog.Logger, cfg config, tel *telemetry, store metr
 				if !errors.As(err, &re) {
 					log.Error("ingest failed", "route", "POST "+r.URL.Path, "err", err)
 					re = &requestError{http.StatusServiceUnavailable, "store unavailable, try again shortly"}
+				}
+				if re.status == http.StatusServiceUnavailable {
 					w.Header().Set("Retry-After", "1")
 				}
 				writeInfluxError(w, re.status, re.detail)

@@ -11,9 +11,14 @@ import "strconv"
 //	compact                set: the types with buckets to compact
 //	{T}:m                  hash: the type's version (v, bumped by every
 //	                       ingest of it, and by a delete), first (f) and
-//	                       newest (n) sample in Unix microseconds, and
-//	                       what deletes took off its count (d); a deleted
-//	                       type's keeps v and d a while (lua/delete.lua)
+//	                       newest (n) sample in Unix microseconds, what
+//	                       deletes took off its count (d), w while its
+//	                       type-wide buckets are added up again after a
+//	                       delete; a deleted type's has x, and g until
+//	                       its keys are reclaimed (lua/delete.lua)
+//	{T}:gc                 set: the type's deleted series whose keys are
+//	                       not reclaimed yet ('*': its type-wide keys)
+//	reclaim                set: the types with deleted keys to reclaim
 //	{T}:b:<res>:<start>    string: one bucket (res 1s, 1m, 1h or 1d; start
 //	                       in Unix seconds): an 8-byte header, then records
 //	                       of what ingests added (count, sum, min, max,
@@ -110,6 +115,12 @@ func indexKey(unit string, r resolution) string {
 func (k keys) cacheEntry(typ, query string) string {
 	return k.prefix + "{cache}:e:" + typ + "|" + query
 }
+
+// reclaimTypes names the set of types with deleted keys left to reclaim.
+func (k keys) reclaimTypes() string { return k.prefix + "reclaim" }
+
+// garbage names the set of a type's deleted series whose keys remain.
+func (k keys) garbage(typ string) string { return k.tag(typ) + "gc" }
 
 // once names an Idempotency-Key's record, by the key's digest.
 func (k keys) once(id string) string { return k.prefix + "once:" + id }

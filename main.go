@@ -133,6 +133,9 @@ type backend struct {
 	// compact merges the records of grown Redis buckets; run calls it in
 	// the background. Nil for memory.
 	compact func(context.Context) error
+	// reclaim deletes, a few at a time, the keys Redis deletes leave;
+	// run calls it in the background too.
+	reclaim func(context.Context) error
 }
 
 // openBackend builds the configured backend and returns the function that
@@ -204,6 +207,7 @@ func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time
 		ping:         pool.ping,
 		now:          now,
 		compact:      s.compact,
+		reclaim:      s.reclaim,
 	}
 }
 
@@ -230,12 +234,13 @@ func newHandler(log *slog.Logger, cfg config, tel *telemetry, b backend) http.Ha
 	lines := gate.guard(influxToken, writeInfluxError, "Token", handleLineProtocol(log, cfg, tel, b.store, b.announce, b.now))
 	handle("POST /write", lines)
 	handle("POST /api/v2/write", lines)
-	// Deleting needs a token, so it needs AUTH_TOKENS: refused without.
+	// Deleting needs a token, so it needs AUTH_TOKENS: refused without,
+	// counted against the rate limit all the same.
+	deleting := handleDeleteRefused()
 	if gate.tokens.enabled() {
-		handle("DELETE /api/metrics", gate.guard(bearerToken, writeError, "Bearer", handleDelete(log, b.store, b.reader.cache, b.now)))
-	} else {
-		handle("DELETE /api/metrics", handleDeleteRefused())
+		deleting = handleDelete(log, b.store, b.reader.cache, b.now)
 	}
+	handle("DELETE /api/metrics", gate.guard(bearerToken, writeError, "Bearer", deleting))
 	handle("GET /api/metrics/summary", gate.readGate(handleSummary(log, b.reader)))
 	handle("GET /api/metrics/series", gate.readGate(handleSeries(log, b.reader)))
 	handle("GET /api/metrics/types", gate.readGate(handleTypes(log, b.reader)))
@@ -326,6 +331,9 @@ func unprocessable(format string, args ...any) error {
 func writeFailure(w http.ResponseWriter, r *http.Request, log *slog.Logger, err error) {
 	var re *requestError
 	if errors.As(err, &re) {
+		if re.status == http.StatusServiceUnavailable {
+			w.Header().Set("Retry-After", "1")
+		}
 		writeError(w, re.status, re.detail)
 		return
 	}

@@ -167,13 +167,22 @@ func boolInt(b bool) int {
 }
 
 // readGroups reads the buckets of every group's series in spans, in one
-// atomic read: per group, each series' buckets in the order of ids.
+// atomic read: per group, each series' buckets in the order of ids. While
+// a delete's type-wide buckets are being added up again (Redis, after a
+// delete), the type-wide group is read from every series instead.
 func (q *reader) readGroups(ctx context.Context, typ string, groups []seriesGroup, spans []span) (typeMeta, [][][]storedBucket, error) {
 	var ids []string
 	for _, g := range groups {
 		ids = append(ids, g.ids...)
 	}
 	m, all, err := q.store.read(ctx, typ, ids, spans)
+	if err == nil && m.rebuilding && len(groups) == 1 && slices.Equal(groups[0].ids, []string{typeWide}) {
+		if _, ids, err = q.store.series(ctx, typ, nil); err != nil {
+			return m, nil, err
+		}
+		groups[0].ids = ids
+		m, all, err = q.store.read(ctx, typ, ids, spans)
+	}
 	out := make([][][]storedBucket, len(groups))
 	for i, g := range groups {
 		out[i], all = all[:len(g.ids)], all[len(g.ids):]

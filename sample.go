@@ -401,6 +401,7 @@ type typeMeta struct {
 	total         stats  // the running total, when days are kept forever
 	series        int    // how many series hold data
 	deleted       bool   // deleted, its version kept (lua/delete.lua)
+	rebuilding    bool   // its type-wide buckets wrong until reclaimed: read its series
 }
 
 // anchor is the second retention is measured back from: the earlier of

@@ -3,8 +3,10 @@ package main
 import (
 	"cmp"
 	"context"
+	"crypto/sha1"
 	_ "embed"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"maps"
@@ -566,8 +568,11 @@ type redisStore struct {
 	queue     ingestQueue // ingests waiting to be applied in a group (groupcommit.go)
 	grouped   bool        // small ingests share runs; false with REDIS_PIPELINE=false
 	cacheTTL  time.Duration
-	// deleteBudget is how many keys a delete's step may read.
-	deleteBudget int
+	// reclaimStep is how many keys one step of reclaiming a delete's keys
+	// reads, and reclaimWait how long a delete reclaims before it answers
+	// (delete.go).
+	reclaimStep int
+	reclaimWait time.Duration
 }
 
 //go:embed lua/ingest.lua
@@ -576,7 +581,8 @@ var ingestLua string
 var ingestScript = newScript(ingestLua)
 
 func newRedisStore(pool *redisPool, k keys, h retention, maxTypes, maxSeries int) *redisStore {
-	return &redisStore{pool: pool, keys: k, horizon: h, maxTypes: maxTypes, maxSeries: maxSeries, deleteBudget: deleteBudget}
+	return &redisStore{pool: pool, keys: k, horizon: h, maxTypes: maxTypes, maxSeries: maxSeries,
+		reclaimStep: reclaimBudget, reclaimWait: reclaimAfterDelete}
 }
 
 // ingestGrace is how long past REDIS_TIMEOUT an ingest waits for its
@@ -812,6 +818,8 @@ func (s *redisStore) apply(ctx context.Context, ingests [][]typeBatch, o *onceKe
 	case len(f) == 3 && f[0] == "COLLISION":
 		return false, unprocessable("labels {%s} of %s cannot be stored: their key collides with another series of the type; rename a label",
 			find(f[1], f[2]), f[1])
+	case len(f) == 2 && f[0] == "DELETING":
+		return false, errBeingDeleted(f[1])
 	case len(f) > 0 && f[0] == "KEYREUSED":
 		return false, errKeyReused
 	case len(f) == 3 && f[0] == "TOOOLD":
@@ -950,7 +958,7 @@ func (s *redisStore) read(ctx context.Context, typ string, series []string, span
 		for i := 0; i == 0 || i < len(refs); i += readBlock {
 			c.Send("MULTI")
 			if i == 0 {
-				c.Send("HMGET", s.keys.meta(typ), "v", "f", "n")
+				c.Send("HMGET", append([]any{s.keys.meta(typ)}, metaFields...)...)
 			}
 			for _, r := range refs[i:min(i+readBlock, len(refs))] {
 				c.Send("GET", bucketKey(units[r.series], r.res, r.start))
@@ -993,6 +1001,10 @@ func (s *redisStore) read(ctx context.Context, typ string, series []string, span
 		}
 		return nil
 	})
+	if meta.deleted {
+		// What is left of a deleted type's keys, until they are reclaimed.
+		out = make([][]storedBucket, len(series))
+	}
 	return meta, out, err
 }
 
@@ -1025,30 +1037,35 @@ func (s *redisStore) series(ctx context.Context, typ string, match []label) (ver
 	return version, ids, err
 }
 
-// parseMeta reads a meta hash's v, f and n, and d when asked for. A
-// deleted type's meta has a version and no first sample: it holds no data.
+// metaFields are the fields of a type's meta that reads ask for, in the
+// order parseMeta takes them.
+var metaFields = []any{"v", "f", "n", "d", "x", "w"}
+
+// parseMeta reads a meta hash's metaFields. A deleted type's meta (x)
+// keeps its version: it holds no data. One whose type-wide buckets are
+// being added up again after a delete (w) is read from its series.
 func parseMeta(typ string, reply any) (typeMeta, error) {
 	vals, err := redis.Strings(reply, nil)
-	if err != nil || len(vals) < 3 || vals[0] == "" {
+	if err != nil || len(vals) != len(metaFields) || vals[0] == "" {
 		return typeMeta{name: typ}, err
 	}
 	m := typeMeta{name: typ}
 	var errs [4]error
 	m.version, errs[0] = strconv.ParseUint(vals[0], 10, 64)
-	if vals[1] == "" {
+	if vals[1] == "" || vals[4] != "" {
 		m.deleted = true
 		return m, errs[0]
 	}
 	m.first, errs[1] = strconv.ParseInt(vals[1], 10, 64)
 	m.newest, errs[2] = strconv.ParseInt(vals[2], 10, 64)
+	m.rebuilding = vals[5] != ""
 	// The samples a delete took away, and one for each delete, which
 	// bumped the version too; without a delete, none.
-	if len(vals) > 3 && vals[3] != "" {
+	m.total.count = int64(m.version)
+	if vals[3] != "" {
 		var gone uint64
 		gone, errs[3] = strconv.ParseUint(vals[3], 10, 64)
 		m.total.count = int64(m.version - gone)
-	} else {
-		m.total.count = int64(m.version)
 	}
 	if err := errors.Join(errs[:]...); err != nil {
 		return typeMeta{name: typ}, fmt.Errorf("malformed meta of %s: %w", typ, err)
@@ -1137,7 +1154,8 @@ func compactBucket(c redis.Conn, deadline time.Time, name string, v []byte) erro
 		return err
 	}
 	merged := bucketRecord(bucketDelta{stats: b.stats, zero: b.zero, bins: b.bins})
-	_, err = compactScript.run(c, deadline, []string{name}, binary.LittleEndian.Uint32(v[4:8]), len(v)-bucketHeader, merged)
+	read := sha1.Sum(v[bucketHeader:])
+	_, err = compactScript.run(c, deadline, []string{name}, binary.LittleEndian.Uint32(v[4:8]), len(v)-bucketHeader, merged, hex.EncodeToString(read[:]))
 	return err
 }
 
@@ -1154,7 +1172,7 @@ func (s *redisStore) metas(ctx context.Context, names []string) ([]typeMeta, err
 	out := make([]typeMeta, len(names))
 	err := s.pool.with(ctx, "read", func(c redis.Conn, deadline time.Time) error {
 		for _, name := range names {
-			c.Send("HMGET", s.keys.meta(name), "v", "f", "n", "d")
+			c.Send("HMGET", append([]any{s.keys.meta(name)}, metaFields...)...)
 		}
 		replies, err := redis.Values(do(c, deadline, ""))
 		if err != nil {

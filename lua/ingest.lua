@@ -98,10 +98,11 @@ for i = 1, ntypes do
     registry = KEYS[k + 1], compactKey = KEYS[k + 2], untilKey = KEYS[k + 3], units = {}}
   local nunits = tonumber(ARGV[a + 6])
   a, k = a + 7, k + 4
-  local m = redis.call('HMGET', ty.meta, 'v', 'f', 'n', 's')
-  -- A type holds data when its meta has its first sample; a deleted
-  -- type's meta keeps only its version (lua/delete.lua), which goes on.
-  ty.version, ty.exists = tonumber(m[1]) or 0, m[2] ~= false
+  local m = redis.call('HMGET', ty.meta, 'v', 'f', 'n', 's', 'x', 'g')
+  -- A deleted type's meta keeps its version (lua/delete.lua), which goes
+  -- on when the type is written again, once its keys are reclaimed.
+  if m[6] then return redis.error_reply('DELETING ' .. ty.name) end
+  ty.version, ty.exists, ty.deleted = tonumber(m[1]) or 0, m[2] ~= false and not m[5], m[5] ~= false
   if ty.exists then
     ty.first = math.min(ty.first, tonumber(m[2]))
     ty.newest = math.max(ty.newest, tonumber(m[3]))
@@ -139,6 +140,17 @@ for i = 1, ntypes do
     return out
   end
   local known, scores = each('HMGET', ty.registry), each('ZMSCORE', ty.untilKey)
+  -- A new series that is a deleted one whose keys are not reclaimed yet
+  -- waits until they are.
+  local fresh = {}
+  for u = 2, nunits do
+    if not known[u - 1] then fresh[#fresh + 1] = ty.units[u].hash end
+  end
+  for j = 1, #fresh, 1000 do
+    for _, in_gc in ipairs(redis.call('SMISMEMBER', ty.tag .. 'gc', unpack(fresh, j, math.min(j + 999, #fresh)))) do
+      if in_gc == 1 then return redis.error_reply('DELETING ' .. ty.name) end
+    end
+  end
   -- A series that holds no data at the anchor takes no room, whether or
   -- not retention has dropped it yet; one the batch brings, new or back
   -- from having none, takes room and is refused past MAX_SERIES.
@@ -451,7 +463,10 @@ for _, ty in ipairs(types) do
     meta[#meta + 1], meta[#meta + 2] = 's', int(ty.anchor)
   end
   redis.call('HSET', ty.meta, unpack(meta))
-  if not ty.exists and ty.version > 0 then redis.call('PERSIST', ty.meta) end
+  if ty.deleted then
+    redis.call('HDEL', ty.meta, 'x')
+    redis.call('PERSIST', ty.meta)
+  end
 end
 if once then
   redis.call('SET', KEYS[#KEYS], ARGV[#ARGV - 1], 'PX', ARGV[#ARGV])
