@@ -82,7 +82,7 @@ func gatedReader(e storeEnv, g *gatedStore) *reader {
 }
 
 // allTimeSummary is r's all-time summary of cpu, as the handler writes it.
-func allTimeSummary(t *testing.T, r *reader) string {
+func allTimeSummary(t testing.TB, r *reader) string {
 	body, err := r.summary(context.Background(), "cpu", nil, nil)
 	if err != nil {
 		t.Error(err)

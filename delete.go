@@ -261,18 +261,21 @@ func (s *redisStore) reclaim(ctx context.Context) error {
 		names, err = redis.Strings(do(c, deadline, "SMEMBERS", s.keys.reclaimTypes()))
 		return err
 	})
+	if err != nil {
+		return err
+	}
+	// A type whose step fails (counted in store_errors_total) holds up no
+	// other.
+	var first error
 	for _, typ := range names {
-		if err != nil {
-			break
-		}
 		rctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
-		_, err = s.reclaimType(rctx, typ)
+		_, err := s.reclaimType(rctx, typ)
 		cancel()
-		if errors.Is(err, context.DeadlineExceeded) {
-			err = nil // more next time
+		if err != nil && !errors.Is(err, context.DeadlineExceeded) && first == nil {
+			first = err // more next time, too
 		}
 	}
-	return err
+	return first
 }
 
 // reclaimType runs steps of lua/reclaim.lua for typ until it is done or
@@ -292,7 +295,7 @@ func (s *redisStore) reclaimStepOf(ctx context.Context, typ string) (done bool, 
 	keys := []string{s.keys.reclaimTypes(), s.keys.meta(typ), s.keys.seriesRegistry(typ), s.keys.garbage(typ)}
 	args := []any{typ, s.keys.tag(typ), graveLifetime(s.cacheTTL).Milliseconds(), s.reclaimStep, int(numRes)}
 	for r := res1s; r < numRes; r++ {
-		args = append(args, r.String(), r.seconds(), r.chunk()*r.seconds(), s.horizon[r] != 0)
+		args = append(args, r.String(), r.seconds(), r.chunk()*r.seconds(), s.horizon[r] == 0)
 	}
 	for attempt := 1; ; attempt++ {
 		_, ids, err := s.series(ctx, typ, nil)

@@ -506,3 +506,137 @@ func TestRedisCompactionAfterDelete(t *testing.T) {
 		t.Fatalf("the bucket after a stale merge: %+v %v, want the one new sample", b, err)
 	}
 }
+
+// TestRedisReclaimLeavesSweptBucketsAlone: where retention has already
+// removed a type-wide bucket but not yet an idle deleted series' own,
+// reclaiming does not write the type-wide bucket again, so nothing is
+// left for a later delete to miss, or for the type written again to
+// find.
+func TestRedisReclaimLeavesSweptBucketsAlone(t *testing.T) {
+	e := redisStoreEnv(t, func(c *config) { c.Retention = retention{res1s: 3600, res1m: 7 * 86400, res1h: 90 * 86400} })
+	rs := e.b.store.(*redisStore)
+	ctx := context.Background()
+	at := e.clock.now().Add(-10 * time.Second).Truncate(time.Second)
+	for _, h := range []string{"a", "b"} {
+		if err := storeAdd(e.b, sample{typ: "cpu", series: seriesID([]label{{"host", h}}), at: at.UnixMicro(), value: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The type's seconds at at are swept by the next ingest's anchor; the
+	// idle series a and b keep theirs until they are written again.
+	e.clock.advance(3 * time.Hour)
+	if err := storeAdd(e.b, sample{typ: "cpu", series: seriesID([]label{{"host", "c"}}), at: e.clock.now().UnixMicro(), value: 1}); err != nil {
+		t.Fatal(err)
+	}
+	reclaimAll := func() {
+		t.Helper()
+		if _, err := rs.reclaimType(ctx, "cpu"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := rs.remove(ctx, "cpu", []label{{"host", "a"}}, e.clock.now()); err != nil {
+		t.Fatal(err)
+	}
+	reclaimAll()
+	c := rs.pool.Get()
+	defer c.Close()
+	if n, err := redis.Int(c.Do("EXISTS", rs.keys.bucket("cpu", res1s, at.Unix()))); err != nil || n != 0 {
+		t.Fatalf("the swept type-wide second written again: exists %d %v", n, err)
+	}
+	if _, err := rs.remove(ctx, "cpu", nil, e.clock.now()); err != nil {
+		t.Fatal(err)
+	}
+	reclaimAll()
+	if left, err := redis.Strings(c.Do("KEYS", rs.keys.tag("cpu")+"*")); err != nil || len(left) != 1 {
+		t.Fatalf("keys of the deleted type left: %v %v, want its meta alone", left, err)
+	}
+	if err := storeAdd(e.b, sample{typ: "cpu", at: at.UnixMicro(), value: 5}); err != nil {
+		t.Fatal(err)
+	}
+	from, to := at.Unix(), at.Unix()+1
+	g, _, err := e.b.reader.window(ctx, "cpu", &from, &to, labelFilter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := onlyGroup(g); v.Count != 1 || v.Sum != 5 {
+		t.Fatalf("the type written again, at %s: count %d sum %v, want 1 and 5", at.Format(time.RFC3339), v.Count, v.Sum)
+	}
+}
+
+// listHookStore runs then after it lists a type's series, once.
+type listHookStore struct {
+	metricStore
+	then func()
+}
+
+func (h *listHookStore) series(ctx context.Context, typ string, match []label) (uint64, []string, error) {
+	v, ids, err := h.metricStore.series(ctx, typ, match)
+	if h.then != nil {
+		h.then()
+		h.then = nil
+	}
+	return v, ids, err
+}
+
+// TestRedisReadWhileReclaimingCachesAsListed: a read of a whole type whose
+// type-wide buckets are being added up again reads the series it listed;
+// when a delete lands between the list and the read, the answer is cached
+// as of the list, so it is not served after the delete.
+func TestRedisReadWhileReclaimingCachesAsListed(t *testing.T) {
+	e := redisStoreEnv(t, nil)
+	rs := e.b.store.(*redisStore)
+	rs.reclaimWait = 0 // the type-wide buckets stay to be added up again
+	for i, h := range []string{"a", "b", "c"} {
+		if err := storeAdd(e.b, sample{typ: "cpu", series: seriesID([]label{{"host", h}}), at: sampleTime.UnixMicro(), value: float64(1 + 10*i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx := context.Background()
+	if _, err := rs.remove(ctx, "cpu", []label{{"host", "a"}}, e.clock.now()); err != nil {
+		t.Fatal(err)
+	}
+	hooked := &listHookStore{metricStore: rs, then: func() {
+		if _, err := rs.remove(ctx, "cpu", []label{{"host", "b"}}, e.clock.now()); err != nil {
+			t.Error(err)
+		}
+	}}
+	r := &reader{store: hooked, cache: newReadCache(e.b.reader.cache.entries), horizon: e.cfg.Retention, now: e.b.now}
+	allTimeSummary(t, r) // lists b, which is deleted before it is read
+	if got := allTimeSummary(t, e.b.reader); !strings.Contains(got, `"count":1,`) {
+		t.Fatalf("summary after both deletes: %s, want host c alone", got)
+	}
+}
+
+// TestRedisReclaimFindsUnindexedDays: days an earlier version wrote
+// without an index (days are kept forever) are found by looking at every
+// day of the type's span, and deleted.
+func TestRedisReclaimFindsUnindexedDays(t *testing.T) {
+	e := redisStoreEnv(t, nil)
+	rs := e.b.store.(*redisStore)
+	ctx := context.Background()
+	a, b := seriesID([]label{{"host", "a"}}), seriesID([]label{{"host", "b"}})
+	for d := range 3 {
+		at := sampleTime.Add(-time.Duration(d) * 24 * time.Hour).UnixMicro()
+		if err := storeAdd(e.b, sample{typ: "cpu", series: a, at: at, value: 1}, sample{typ: "cpu", series: b, at: at, value: 2}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := rs.pool.Get()
+	defer c.Close()
+	unit := rs.keys.unit("cpu", a)
+	if _, err := c.Do("DEL", indexKey(unit, res1d)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rs.remove(ctx, "cpu", []label{{"host", "a"}}, e.clock.now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rs.reclaimType(ctx, "cpu"); err != nil {
+		t.Fatal(err)
+	}
+	if left, err := redis.Strings(c.Do("KEYS", unit+"*")); err != nil || len(left) > 0 {
+		t.Fatalf("keys of the deleted series left: %v %v", left, err)
+	}
+	if got := allTimeSummary(t, e.b.reader); !strings.Contains(got, `"count":3,"average":2,`) {
+		t.Fatalf("summary after the delete: %s, want host b's 3 samples", got)
+	}
+}

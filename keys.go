@@ -32,7 +32,8 @@ import "strconv"
 //	                       quarter past their size at their last compaction
 //	{T}:i:<res>            sorted set: the chunks (a minute of seconds, an
 //	                       hour of minutes, ...) that hold buckets of res,
-//	                       by start, so retention finds what to delete
+//	                       by start, so retention finds what to delete and
+//	                       a delete every bucket (every resolution has one)
 //	{T}:series             hash: the type's series, the hash of each id
 //	                       (labels.go, seriesHash) to the id, for
 //	                       MAX_SERIES and for finding them

@@ -324,12 +324,12 @@ func TestRedisTypeKeysShareHashTag(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The running total, a bucket at each of the four resolutions and the
-	// retention indexes of the three that expire, once type-wide and once
-	// for the unlabelled series; the type's meta hash (a series' own comes
-	// with its first sweep, at its next ingest); and the registry of
-	// series with the anchors they hold data until.
-	if len(ks) != 2*(1+4+3)+1+2 {
-		t.Errorf("keys of type cpu: %v, want 19", ks)
+	// index of each, once type-wide and once for the unlabelled series;
+	// the type's meta hash (a series' own comes with its first sweep, at
+	// its next ingest); and the registry of series with the anchors they
+	// hold data until.
+	if len(ks) != 2*(1+4+4)+1+2 {
+		t.Errorf("keys of type cpu: %v, want 21", ks)
 	}
 	all, err := redis.Strings(c.Do("KEYS", e.prefix+"*"))
 	if err != nil {

@@ -4,8 +4,10 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"math"
+	"net/http"
 	"slices"
 	"strconv"
 	"strings"
@@ -177,17 +179,33 @@ func (q *reader) readGroups(ctx context.Context, typ string, groups []seriesGrou
 	}
 	m, all, err := q.store.read(ctx, typ, ids, spans)
 	if err == nil && m.rebuilding && len(groups) == 1 && slices.Equal(groups[0].ids, []string{typeWide}) {
-		if _, ids, err = q.store.series(ctx, typ, nil); err != nil {
+		var listed uint64
+		if listed, ids, err = q.store.series(ctx, typ, nil); err != nil {
+			return m, nil, err
+		}
+		if err := q.fitsRead(ids, spans); err != nil {
 			return m, nil, err
 		}
 		groups[0].ids = ids
 		m, all, err = q.store.read(ctx, typ, ids, spans)
+		// The answer holds the series as listed: a series made or deleted
+		// after the list makes it older than the read.
+		m.version = min(m.version, listed)
 	}
 	out := make([][][]storedBucket, len(groups))
 	for i, g := range groups {
 		out[i], all = all[:len(g.ids)], all[len(g.ids):]
 	}
 	return m, out, err
+}
+
+// fitsRead refuses a read of the type's series in spans that would read
+// more buckets than a series request may.
+func (q *reader) fitsRead(ids []string, spans []span) error {
+	if n := int64(len(ids)) * bucketsIn(spans); n > maxSeriesBuckets {
+		return &requestError{http.StatusServiceUnavailable, fmt.Sprintf("the type is being reclaimed after a delete, and reading its %d series meanwhile would read %d buckets; try again in a moment, or filter by a label", len(ids), n)}
+	}
+	return nil
 }
 
 // window merges, for each group of series f selects, their buckets that

@@ -591,14 +591,14 @@ func newRedisStore(pool *redisPool, k keys, h retention, maxTypes, maxSeries int
 // that its answer, and not a timeout, says whether the samples are stored.
 const ingestGrace = time.Second
 
-// indexed is the resolutions whose buckets expire, each with a retention
-// index; their position (from 1) is how the script refers to them.
+// indexed is the resolutions, each with an index of its chunks: the
+// retention sweep reads those whose buckets expire, and a delete every
+// one (lua/reclaim.lua). Their position (from 1) is how the script refers
+// to them.
 func (s *redisStore) indexed() []resolution {
 	var out []resolution
 	for r := res1s; r < numRes; r++ {
-		if s.horizon[r] != 0 {
-			out = append(out, r)
-		}
+		out = append(out, r)
 	}
 	return out
 }

@@ -9,11 +9,10 @@
 -- per unit (the type-wide buckets first, then each series of
 -- the ingest) the unit's meta hash (the type's own for the type-wide
 -- unit), the set of series of each of its labels, one string per bucket it
--- adds to (in ARGV's order) and one retention index per resolution that is
--- not kept forever.
+-- adds to (in ARGV's order) and one index per resolution.
 -- ARGV: fence (Unix us, Redis's clock), now (Unix us, the service's
 -- clock), MAX_TYPES, MAX_SERIES, the number of types, the number of
--- indexes nidx; nidx quadruples (horizon, bucket width, chunk span, in
+-- indexes nidx; nidx quadruples (horizon, 0 for kept forever, bucket width, chunk span, in
 -- seconds, and the resolution's name); then per type: name, the prefix of
 -- its keys ('{T}:'), samples, first and newest (Unix us), keepUntil (the
 -- anchor at which some sample would no longer be kept), the number of
@@ -59,8 +58,12 @@ if once then
 end
 local a = 8
 local idx = {}
+-- Every resolution has an index, so that a delete finds every bucket
+-- (lua/reclaim.lua); retention sweeps those with a horizon (h > 0).
+local finite = false
 for i = 1, nidx do
   idx[i] = {h = tonumber(ARGV[a]), w = tonumber(ARGV[a + 1]), span = tonumber(ARGV[a + 2]), name = ARGV[a + 3]}
+  finite = finite or idx[i].h > 0
   a = a + 4
 end
 
@@ -198,7 +201,7 @@ for i = 1, ntypes do
     un.present = un.present or strays
     local s = false
     if u == 1 then s = m[4] elseif un.present then s = redis.call('HGET', un.meta, 's') end
-    un.sweep = ty.exists and nidx > 0 and ty.anchor > (tonumber(s) or -math.huge)
+    un.sweep = ty.exists and finite and ty.anchor > (tonumber(s) or -math.huge)
   end
   redis.call('SCARD', ty.compactKey)
   -- The series that hold no data are dropped (trim) when the anchor moves,
@@ -240,7 +243,9 @@ for i = 1, ntypes do
         end
       end
       if un.sweep then
-        for j = 1, nidx do indexed[j] = true end
+        for j = 1, nidx do
+          if idx[j].h > 0 then indexed[j] = true end
+        end
       end
       for j in pairs(indexed) do redis.call('ZCARD', un.idxKeys[j]) end
     elseif ty.exists then
@@ -368,18 +373,20 @@ local function sweep(ty, un)
   local done = true
   for j = 1, un.sweep and nidx or 0 do
     local ix = idx[j]
-    local limit = math.min((un.created[j] or 0) + 4, sweepBudget)
-    local old = {}
-    if limit > 0 then
-      old = redis.call('ZRANGEBYSCORE', un.idxKeys[j], '-inf', int(ty.anchor - ix.h - ix.span), 'LIMIT', 0, limit)
-    end
-    if limit == 0 or #old == limit then done = false end
-    sweepBudget = sweepBudget - #old
-    for _, cs in ipairs(old) do
-      local first, names = tonumber(cs), {}
-      for s = first, first + ix.span - ix.w, ix.w do names[#names + 1] = un.prefixes[j] .. int(s) end
-      redis.call('UNLINK', unpack(names))
-      redis.call('ZREM', un.idxKeys[j], cs)
+    if ix.h > 0 then
+      local limit = math.min((un.created[j] or 0) + 4, sweepBudget)
+      local old = {}
+      if limit > 0 then
+        old = redis.call('ZRANGEBYSCORE', un.idxKeys[j], '-inf', int(ty.anchor - ix.h - ix.span), 'LIMIT', 0, limit)
+      end
+      if limit == 0 or #old == limit then done = false end
+      sweepBudget = sweepBudget - #old
+      for _, cs in ipairs(old) do
+        local first, names = tonumber(cs), {}
+        for s = first, first + ix.span - ix.w, ix.w do names[#names + 1] = un.prefixes[j] .. int(s) end
+        redis.call('UNLINK', unpack(names))
+        redis.call('ZREM', un.idxKeys[j], cs)
+      end
     end
   end
   return done

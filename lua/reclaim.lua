@@ -1,9 +1,6 @@
 -- Reclaims, in one step of bounded work, part of what lua/delete.lua left
 -- to a type: the keys of its deleted series (its garbage set, '*' for the
--- type-wide buckets of a deleted type), found by their retention indexes,
--- and for a resolution kept forever, which has none, at every start from
--- the type's first sample to its newest, from a cursor kept in the unit's
--- meta. Where a deleted series of a type that remains held a bucket, the
+-- type-wide buckets of a deleted type), found by their indexes. Where a deleted series of a type that remains held a bucket, the
 -- type-wide bucket there is added up again from the remaining series'
 -- buckets: each series' records merged into one, in the order of the
 -- series' ids, as the memory store adds them up (delete.go). Each position
@@ -18,7 +15,7 @@
 -- ARGV: the type's name, the prefix of its keys ('{T}:'), the lifetime of
 -- a deleted type's meta in ms, the budget (keys to read), the number of
 -- resolutions and per resolution its name, width and chunk span in
--- seconds and 1 when it has a retention index; the number of remaining
+-- seconds and 1 when it is kept forever; the number of remaining
 -- series and their hashes, in the order of their ids. CHANGED when the
 -- registry holds other series: the service reads them again.
 local name, tag = ARGV[1], ARGV[2]
@@ -26,7 +23,7 @@ local ttl, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
 local a = 6
 local res = {}
 for i = 1, tonumber(ARGV[5]) do
-  res[i] = {name = ARGV[a], w = tonumber(ARGV[a + 1]), span = tonumber(ARGV[a + 2]), indexed = ARGV[a + 3] == '1'}
+  res[i] = {name = ARGV[a], w = tonumber(ARGV[a + 1]), span = tonumber(ARGV[a + 2]), forever = ARGV[a + 3] == '1'}
   a = a + 4
 end
 local remaining = {}
@@ -55,10 +52,17 @@ local function floorTo(t, w) return t - t % w end
 local reads, progress = 0, false
 
 -- rebuild writes the type-wide bucket at pos ('<res>:<start>' or 'all')
--- again from the remaining series'. A rebuilt bucket's merge count moves
+-- again from the remaining series', when it is still there. A rebuilt
+-- bucket's merge count moves
 -- on, so a background merge that read it before changes nothing. Each
 -- bucket read costs one, and one more per 64 bytes merged.
 local function rebuild(pos)
+  -- A type-wide bucket retention has already removed stays removed.
+  local key = tag .. 'b:' .. pos
+  local head = redis.call('GETRANGE', key, 0, 7)
+  reads = reads + 1
+  if #head ~= 8 then return end
+  local gen = select(2, struct.unpack('<I4I4', head))
   local recs = {}
   for j = 1, #remaining, 1000 do
     local names = {}
@@ -71,10 +75,6 @@ local function rebuild(pos)
       end
     end
   end
-  local key = tag .. 'b:' .. pos
-  local head = redis.call('GETRANGE', key, 0, 7)
-  local gen = 0
-  if #head == 8 then gen = select(2, struct.unpack('<I4I4', head)) end
   local all = table.concat(recs)
   if all == '' then
     redis.call('UNLINK', key)
@@ -121,7 +121,21 @@ local u = tag .. 's:' .. h .. ':'
 local um = u .. 'm' -- where the cursors are kept
 if h == '*' then u, um = tag, KEYS[2] end
 for _, r in ipairs(res) do
-  if r.indexed then
+  -- Every bucket is in its resolution's index, except those of a
+  -- resolution kept forever that an earlier version wrote, without one:
+  -- for a unit that has no such index, every start from the type's first
+  -- sample to its newest is looked at, from a cursor (c:<res>, 'i' once
+  -- the index is taken).
+  local field = 'c:' .. r.name
+  local mode = 'i'
+  if r.forever then
+    mode = redis.call('HGET', um, field)
+    if not mode then
+      if redis.call('EXISTS', u .. 'i:' .. r.name) == 1 then mode = 'i' else mode = int(floorTo(first, r.w)) end
+      redis.call('HSET', um, field, mode)
+    end
+  end
+  if mode == 'i' then
     local ix = u .. 'i:' .. r.name
     while true do
       if reads >= budget then return 0 end
@@ -135,8 +149,7 @@ for _, r in ipairs(res) do
       redis.call('ZREM', ix, c[1])
     end
   else
-    local field = 'c:' .. r.name
-    local cur = tonumber(redis.call('HGET', um, field)) or floorTo(first, r.w)
+    local cur = tonumber(mode)
     local last = floorTo(newest, r.w)
     while cur <= last do
       if reads >= budget then
@@ -161,7 +174,8 @@ end
 -- The unit's buckets are gone: its other keys go too.
 local rest = {u .. 'b:all'}
 for _, r in ipairs(res) do
-  if r.indexed then rest[#rest + 1] = u .. 'i:' .. r.name else redis.call('HDEL', um, 'c:' .. r.name) end
+  rest[#rest + 1] = u .. 'i:' .. r.name
+  if r.forever then redis.call('HDEL', um, 'c:' .. r.name) end
 end
 if h ~= '*' then rest[#rest + 1] = um end
 redis.call('UNLINK', unpack(rest))
