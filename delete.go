@@ -27,7 +27,7 @@ import (
 
 // handleDelete answers a delete. It is routed only with AUTH_TOKENS set,
 // behind the write gate's token and rate limit (main.go).
-func handleDelete(log *slog.Logger, store metricStore, cache *readCache, now func() time.Time) http.Handler {
+func handleDelete(log *slog.Logger, store metricStore, cache *readCache, deleted func(string), now func() time.Time) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
 		typ, err := parseMetricType(q)
@@ -50,6 +50,10 @@ func handleDelete(log *slog.Logger, store metricStore, cache *readCache, now fun
 		if err != nil {
 			writeFailure(w, r, log, err)
 			return
+		}
+		// Live charts read the type again (event: resync).
+		if n > 0 && deleted != nil {
+			deleted(typ)
 		}
 		// The version already keeps the old answers from being served.
 		if err := cache.entries.purge(r.Context(), typ); err != nil {
@@ -236,6 +240,7 @@ func (s *redisStore) remove(ctx context.Context, typ string, match []label, _ ti
 			args = append(args, id)
 		}
 	}
+	args = append(args, s.keys.streamChannel(), encodeUpdates([]update{{typ: typ, resync: resyncDeleted}}))
 	var n int
 	err = s.pool.with(ctx, "delete", func(c redis.Conn, deadline time.Time) error {
 		var err error

@@ -133,6 +133,9 @@ type backend struct {
 	// compact merges the records of grown Redis buckets; run calls it in
 	// the background. Nil for memory.
 	compact func(context.Context) error
+	// deleted tells this instance's streams that a type lost data; nil for
+	// Redis, whose delete script tells every instance's.
+	deleted func(typ string)
 	// reclaim deletes, a few at a time, the keys Redis deletes leave;
 	// run calls it in the background too.
 	reclaim func(context.Context) error
@@ -167,6 +170,11 @@ func newMemoryBackend(cfg config, now func() time.Time) backend {
 		announce: func(batches []typeBatch, t time.Time) {
 			if !h.idle() {
 				h.publish(updatesOf(batches, t.Unix(), cfg.Retention))
+			}
+		},
+		deleted: func(typ string) {
+			if !h.idle() {
+				h.publish([]update{{typ: typ, resync: resyncDeleted}})
 			}
 		},
 		store:        s,
@@ -238,7 +246,7 @@ func newHandler(log *slog.Logger, cfg config, tel *telemetry, b backend) http.Ha
 	// counted against the rate limit all the same.
 	deleting := handleDeleteRefused()
 	if gate.tokens.enabled() {
-		deleting = handleDelete(log, b.store, b.reader.cache, b.now)
+		deleting = handleDelete(log, b.store, b.reader.cache, b.deleted, b.now)
 	}
 	handle("DELETE /api/metrics", gate.guard(bearerToken, writeError, "Bearer", deleting))
 	handle("GET /api/metrics/summary", gate.readGate(handleSummary(log, b.reader)))

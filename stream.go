@@ -55,6 +55,7 @@ type update struct {
 const (
 	resyncLarge    = "large update" // more points than an event carries
 	resyncBackfill = "backfill"     // data older than the 1 s buckets keep
+	resyncDeleted  = "deleted"      // series or the whole type deleted (delete.go)
 )
 
 const (
@@ -699,7 +700,7 @@ func decodeUpdates(msg []byte) ([]update, error) {
 		}
 		switch {
 		case f[0] == "R" && len(f) == 3:
-			if f[2] != resyncLarge && f[2] != resyncBackfill {
+			if f[2] != resyncLarge && f[2] != resyncBackfill && f[2] != resyncDeleted {
 				return nil, bad("unknown resync reason")
 			}
 			out = append(out, update{typ: f[1], resync: f[2]})

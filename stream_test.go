@@ -801,3 +801,33 @@ func TestCORS(t *testing.T) {
 		t.Errorf("CORS_ORIGINS without a scheme: %v, want an error naming it", err)
 	}
 }
+
+// TestStreamResyncsOnDelete: a delete tells every stream, on every
+// instance, to read its type again.
+func TestStreamResyncsOnDelete(t *testing.T) {
+	forEachStore(t, func(c *config) { c.AuthTokens = []string{deleteToken} }, func(t *testing.T, e storeEnv) {
+		base := liveServe(t, e, e.b, nil)
+		streams := []*eventStream{openStream(t, base+"/api/metrics/stream")}
+		if e.reopen != nil {
+			other := liveServe(t, e, e.reopen(), nil)
+			subscribers(t, e, 2)
+			streams = append(streams, openStream(t, other+"/api/metrics/stream?metric_type=cpu"))
+		}
+		if r := sendWith(t, "POST", base+"/api/metrics", hostBody("cpu", "a", e.clock.now(), 1), "Authorization", "Bearer "+deleteToken); r.status != 201 {
+			t.Fatalf("post: %d %s", r.status, r.body)
+		}
+		for i, s := range streams {
+			if ev := s.next(t, time.Second); ev.name != "metric" {
+				t.Fatalf("stream %d after the post: %+v, want its metric event", i, ev)
+			}
+		}
+		if r := deleteWith(t, base, "metric_type=cpu&label=host:a", deleteToken); r.status != 200 {
+			t.Fatalf("delete: %d %s", r.status, r.body)
+		}
+		for i, s := range streams {
+			if ev := s.next(t, time.Second); ev.name != "resync" || ev.data != `{"type":"cpu","reason":"deleted"}` {
+				t.Errorf("stream %d after the delete: %+v, want a resync of cpu", i, ev)
+			}
+		}
+	})
+}

@@ -17,7 +17,9 @@
 -- compact; then the sets of the deleted series' labels.
 -- ARGV: the type's name, the prefix of its keys ('{T}:'), the number of
 -- series to delete and each one's hash and id; per label set in KEYS, the
--- number of the deleted ids it holds and the ids.
+-- number of the deleted ids it holds and the ids; the live stream's
+-- channel and the message that tells every instance's streams to read
+-- the type again.
 local name, tag = ARGV[1], ARGV[2]
 local a = 3
 local asked = {}
@@ -75,4 +77,5 @@ if whole then
 else
   redis.call('HSET', KEYS[4], 'v', int(version), 'd', int((tonumber(m[4]) or 0) + count + 1), 'w', '1')
 end
+redis.call('PUBLISH', ARGV[a], ARGV[a + 1])
 return #deleted
