@@ -40,10 +40,15 @@ if #deleted == 0 then return 0 end
 local whole = redis.call('HLEN', KEYS[5]) == #deleted
 for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[7], KEYS[8]}) do redis.call('SCARD', k) end
 redis.call('ZCARD', KEYS[6])
-for k = 9, #KEYS do redis.call('SCARD', KEYS[k]) end
--- The samples deleted, for the type's count: each series' running total.
+-- A deleted type's label sets go whole (UNLINK, which no key's type
+-- fails); a series' ids leave theirs (SREM), which are checked here.
+if not whole then
+  for k = 9, #KEYS do redis.call('SCARD', KEYS[k]) end
+end
+-- The samples deleted, for the type's count: each series' running total
+-- (a deleted type's count is 0, whatever it held).
 local count = 0
-for _, s in ipairs(deleted) do
+for _, s in ipairs(whole and {} or deleted) do
   local v = redis.call('GET', tag .. 's:' .. s.hash .. ':b:all')
   if v then
     if #v < 8 then return redis.error_reply('MALFORMED bucket') end
@@ -62,8 +67,13 @@ for j = 1, #hashes, 1000 do
 end
 for k = 9, #KEYS do
   local n = tonumber(ARGV[a])
-  for j = 1, n, 1000 do redis.call('SREM', KEYS[k], unpack(ARGV, a + j, a + math.min(j + 999, n))) end
+  if not whole then
+    for j = 1, n, 1000 do redis.call('SREM', KEYS[k], unpack(ARGV, a + j, a + math.min(j + 999, n))) end
+  end
   a = a + 1 + n
+end
+if whole then
+  for j = 9, #KEYS, 1000 do redis.call('UNLINK', unpack(KEYS, j, math.min(j + 999, #KEYS))) end
 end
 redis.call('SADD', KEYS[2], name)
 local version = tonumber(m[1]) + 1
