@@ -18,12 +18,14 @@ import (
 // Deleting: DELETE /api/metrics?metric_type=T[&label=k:v] removes the
 // type's series that hold every label given (all of them without one),
 // with their buckets and index entries, and frees their MAX_SERIES room;
-// with its last series the type goes, and frees its MAX_TYPES room. The
-// type-wide buckets are added up again from the series that remain. Each
-// store does it in one atomic step, so a read sees the series whole or
-// not at all, and it bumps the type's version in that step, so no answer
+// with its last series the type goes, and frees its MAX_TYPES room. Each
+// store takes the series out in one atomic step, so a read sees them whole
+// or not at all, and bumps the type's version in that step, so no answer
 // cached before it is served after it, on any instance; the type's cached
-// answers are then dropped too, for their room.
+// answers are then dropped too, for their room. The type-wide buckets the
+// series were part of are added up again from the series that remain: by
+// the memory store in that step, by Redis after it, a few at a time
+// (reclaim), while reads of the whole type read its series instead.
 
 // handleDelete answers a delete. It is routed only with AUTH_TOKENS set,
 // behind the write gate's token and rate limit (main.go).
@@ -154,7 +156,7 @@ func (t *memType) matching(match []label) []string {
 
 // rebuild adds up again the type-wide buckets for which touched holds, and
 // the running total, from the type's series, in the order of their ids, as
-// lua/delete.lua does: each series' bucket is its records already added
+// lua/reclaim.lua does: each series' bucket is its records already added
 // up, so both stores hold the same sums.
 func (t *memType) rebuild(touched func(r resolution, start int64) bool) {
 	for r := range t.buckets {
