@@ -202,7 +202,7 @@ var (
 )
 
 // reclaimBudget is how many keys one step of reclaiming reads by default
-// (redisStore.reclaimStep): a few milliseconds of Redis's time, so a
+// (redisStore.stepBudget): a few milliseconds of Redis's time, so a
 // delete of any size holds up no one.
 const reclaimBudget = 500
 
@@ -286,44 +286,66 @@ func (s *redisStore) reclaim(ctx context.Context) error {
 }
 
 // reclaimType runs steps of lua/reclaim.lua for typ until it is done or
-// ctx ends.
+// ctx ends. The type's series are read once, and again only when a step
+// finds that they changed (new series keep coming: after three in a row
+// the next tick tries again).
 func (s *redisStore) reclaimType(ctx context.Context, typ string) (done bool, err error) {
+	return s.reclaimFrom(ctx, typ, nil)
+}
+
+// reclaimFrom is reclaimType starting with the series' hashes as given,
+// or as read when they are nil.
+func (s *redisStore) reclaimFrom(ctx context.Context, typ string, hashes []string) (done bool, err error) {
+	listed, changes := hashes != nil, 0
 	for ctx.Err() == nil {
-		if done, err = s.reclaimStepOf(ctx, typ); done || err != nil {
+		if !listed {
+			if hashes, err = s.seriesHashes(ctx, typ); err != nil {
+				return false, err
+			}
+			listed = true
+		}
+		done, err = s.reclaimStep(ctx, typ, hashes)
+		if rerr, ok := err.(redis.Error); ok && strings.HasPrefix(string(rerr), "CHANGED") && changes < 3 {
+			listed, changes = false, changes+1
+			continue
+		}
+		if done || err != nil {
 			return done, err
 		}
+		changes = 0
 	}
 	return false, ctx.Err()
 }
 
-// reclaimStepOf runs one step of lua/reclaim.lua for typ, with the
-// type's series as they are now, read again when they changed meanwhile.
-func (s *redisStore) reclaimStepOf(ctx context.Context, typ string) (done bool, err error) {
+// seriesHashes is the hashes of the type's series, in the order of their
+// ids, as lua/reclaim.lua takes them.
+func (s *redisStore) seriesHashes(ctx context.Context, typ string) ([]string, error) {
+	_, ids, err := s.series(ctx, typ, nil)
+	hashes := make([]string, len(ids))
+	for i, id := range ids {
+		hashes[i] = seriesHash(id)
+	}
+	return hashes, err
+}
+
+// reclaimStep runs one step of lua/reclaim.lua for typ, whose series have
+// hashes (seriesHashes); the script answers CHANGED when they are not the
+// registry's.
+func (s *redisStore) reclaimStep(ctx context.Context, typ string, hashes []string) (done bool, err error) {
 	keys := []string{s.keys.reclaimTypes(), s.keys.meta(typ), s.keys.seriesRegistry(typ), s.keys.garbage(typ)}
-	args := []any{typ, s.keys.tag(typ), graveLifetime(s.cacheTTL).Milliseconds(), s.reclaimStep, int(numRes)}
+	args := []any{typ, s.keys.tag(typ), graveLifetime(s.cacheTTL).Milliseconds(), s.stepBudget, int(numRes)}
 	for r := res1s; r < numRes; r++ {
 		args = append(args, r.String(), r.seconds(), r.chunk()*r.seconds(), s.horizon[r] == 0)
 	}
-	for attempt := 1; ; attempt++ {
-		_, ids, err := s.series(ctx, typ, nil)
-		if err != nil {
-			return false, err
-		}
-		call := append(slices.Clone(args), len(ids))
-		for _, id := range ids {
-			call = append(call, seriesHash(id))
-		}
-		var step int
-		err = s.pool.with(ctx, "reclaim", func(c redis.Conn, deadline time.Time) error {
-			var err error
-			step, err = redis.Int(reclaimScript.run(c, deadline, keys, call...))
-			return err
-		})
-		// New series keep coming: the next step, or the next tick, tries
-		// again.
-		if rerr, ok := err.(redis.Error); ok && strings.HasPrefix(string(rerr), "CHANGED") && attempt < 3 {
-			continue
-		}
-		return step == 1, err
+	args = append(args, len(hashes))
+	for _, h := range hashes {
+		args = append(args, h)
 	}
+	var step int
+	err = s.pool.with(ctx, "reclaim", func(c redis.Conn, deadline time.Time) error {
+		var err error
+		step, err = redis.Int(reclaimScript.run(c, deadline, keys, args...))
+		return err
+	})
+	return step == 1, err
 }

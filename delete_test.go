@@ -358,7 +358,7 @@ func TestRedisDeleteReclaimsInSteps(t *testing.T) {
 	mem, ra, rb := comparedStores(t, cfg, clock)
 	ctx := context.Background()
 	rs := ra.store.(*redisStore)
-	rs.reclaimStep, rs.reclaimWait = 40, 0
+	rs.stepBudget, rs.reclaimWait = 40, 0
 	var raw []labelledRaw
 	var in []sample
 	for i := range 600 {
@@ -418,6 +418,14 @@ func TestRedisDeleteReclaimsInSteps(t *testing.T) {
 		t.Fatal(err)
 	}
 	base := serve(t, cfg, rb)
+	// One step of typ at a time, its series read before each.
+	step := func(typ string) (bool, error) {
+		hashes, err := rs.seriesHashes(ctx, typ)
+		if err != nil {
+			return false, err
+		}
+		return rs.reclaimStep(ctx, typ, hashes)
+	}
 	steps := 0
 	for cpuDone, memDone := false, false; !cpuDone || !memDone; steps++ {
 		check(fmt.Sprintf("step %d", steps), false)
@@ -436,12 +444,12 @@ func TestRedisDeleteReclaimsInSteps(t *testing.T) {
 		}
 		var err error
 		if !cpuDone {
-			if cpuDone, err = rs.reclaimStepOf(ctx, "cpu"); err != nil {
+			if cpuDone, err = step("cpu"); err != nil {
 				t.Fatal(err)
 			}
 		}
 		if !memDone {
-			if memDone, err = rs.reclaimStepOf(ctx, "mem"); err != nil {
+			if memDone, err = step("mem"); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -638,5 +646,39 @@ func TestRedisReclaimFindsUnindexedDays(t *testing.T) {
 	}
 	if got := allTimeSummary(t, e.b.reader); !strings.Contains(got, `"count":3,"average":2,`) {
 		t.Fatalf("summary after the delete: %s, want host b's 3 samples", got)
+	}
+}
+
+// TestRedisReclaimReadsSeriesAgain: a step given series that are no longer
+// the registry's changes nothing (CHANGED), and reclaiming that started
+// from them reads them again and finishes.
+func TestRedisReclaimReadsSeriesAgain(t *testing.T) {
+	e := redisStoreEnv(t, nil)
+	rs := e.b.store.(*redisStore)
+	rs.reclaimWait = 0
+	ctx := context.Background()
+	for _, h := range []string{"a", "b"} {
+		if err := storeAdd(e.b, sample{typ: "cpu", series: seriesID([]label{{"host", h}}), at: sampleTime.UnixMicro(), value: 1}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := rs.remove(ctx, "cpu", []label{{"host", "a"}}, e.clock.now()); err != nil {
+		t.Fatal(err)
+	}
+	stale, err := rs.seriesHashes(ctx, "cpu")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := storeAdd(e.b, sample{typ: "cpu", series: seriesID([]label{{"host", "c"}}), at: sampleTime.UnixMicro(), value: 2}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rs.reclaimStep(ctx, "cpu", stale); err == nil || !strings.HasPrefix(err.Error(), "CHANGED") {
+		t.Fatalf("a step with the series as they were: %v, want CHANGED", err)
+	}
+	if done, err := rs.reclaimFrom(ctx, "cpu", stale); !done || err != nil {
+		t.Fatalf("reclaiming: done %v, %v", done, err)
+	}
+	if got := allTimeSummary(t, e.b.reader); !strings.Contains(got, `"count":2,"average":1.5,`) {
+		t.Fatalf("summary after reclaiming: %s, want hosts b and c", got)
 	}
 }

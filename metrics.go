@@ -25,11 +25,14 @@ func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStor
 	var bodies bodyBuffers
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		key, err := readOnceKey(r)
-		var print [32]byte
+		var print *[32]byte // the request's digest, for a key
+		if key != "" {
+			print = new([32]byte)
+		}
 		var samples []sample
 		var batch bool
 		if err == nil {
-			samples, batch, err = readSamples(w, r, cfg, &bodies, &print)
+			samples, batch, err = readSamples(w, r, cfg, &bodies, print)
 		}
 		answer := storedOne
 		if err == nil && batch {
@@ -37,7 +40,7 @@ func handleIngest(log *slog.Logger, cfg config, tel *telemetry, store metricStor
 		}
 		var o *onceKey
 		if err == nil && key != "" {
-			o = newOnceKey(key, onceScope(r), print, http.StatusCreated, answer)
+			o = newOnceKey(key, onceScope(r), *print, http.StatusCreated, answer)
 		}
 		if err == nil {
 			err = ingestSamples(r.Context(), cfg, tel, store, announce, samples, o, func(i int) string { return item(batch, i) }, now())
@@ -229,7 +232,7 @@ func handleTypes(log *slog.Logger, q *reader) http.Handler {
 
 // readSamples reads and validates the body of an ingest: one metric object
 // or an array of them. It reports whether the body was an array, and puts
-// the request's digest (requestPrint) in print.
+// the request's digest (requestPrint) in print when that is not nil.
 func readSamples(w http.ResponseWriter, r *http.Request, cfg config, bodies *bodyBuffers, print *[32]byte) ([]sample, bool, error) {
 	if ct := r.Header.Get("Content-Type"); ct != "" && ct != "application/json" {
 		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
@@ -252,7 +255,7 @@ func readSamples(w http.ResponseWriter, r *http.Request, cfg config, bodies *bod
 		return nil, false, &requestError{http.StatusBadRequest, "could not read the body"}
 	}
 	defer bodies.release(body) // samples hold no part of it
-	if r.Header.Get("Idempotency-Key") != "" {
+	if print != nil {
 		*print = requestPrint(r.URL.Path, "", body)
 	}
 	return parseSamples(body, cfg.MaxBatch)

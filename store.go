@@ -568,10 +568,10 @@ type redisStore struct {
 	queue     ingestQueue // ingests waiting to be applied in a group (groupcommit.go)
 	grouped   bool        // small ingests share runs; false with REDIS_PIPELINE=false
 	cacheTTL  time.Duration
-	// reclaimStep is how many keys one step of reclaiming a delete's keys
+	// stepBudget is how many keys one step of reclaiming a delete's keys
 	// reads, and reclaimWait how long a delete reclaims before it answers
 	// (delete.go).
-	reclaimStep int
+	stepBudget  int
 	reclaimWait time.Duration
 }
 
@@ -582,7 +582,7 @@ var ingestScript = newScript(ingestLua)
 
 func newRedisStore(pool *redisPool, k keys, h retention, maxTypes, maxSeries int) *redisStore {
 	return &redisStore{pool: pool, keys: k, horizon: h, maxTypes: maxTypes, maxSeries: maxSeries,
-		reclaimStep: reclaimBudget, reclaimWait: reclaimAfterDelete}
+		stepBudget: reclaimBudget, reclaimWait: reclaimAfterDelete}
 }
 
 // ingestGrace is how long past REDIS_TIMEOUT an ingest waits for its
