@@ -159,7 +159,8 @@ func TestAuthConfig(t *testing.T) {
 		want string
 	}{
 		{map[string]string{"AUTH_READS": "true"}, "AUTH_READS"},
-		{map[string]string{"REDIS_CLUSTER": "127.0.0.1:7000,127.0.0.1:7001"}, "REDIS_CLUSTER: Redis Cluster is not supported yet"},
+		{map[string]string{"REDIS_CLUSTER": "127.0.0.1:7000,127.0.0.1"}, `REDIS_CLUSTER="127.0.0.1": must be a comma-separated list of host:port`},
+		{map[string]string{"REDIS_CLUSTER": "127.0.0.1:7000", "REDIS_URL": "redis://127.0.0.1:7000/2"}, "REDIS_CLUSTER" + `="127.0.0.1:7000": a Redis Cluster has only database 0`},
 		{map[string]string{"AUTH_TOKENS": "good-one-16-chars,bad one with spaces"}, "AUTH_TOKENS: token 2"},
 		{map[string]string{"AUTH_TOKENS": "good-one-16-chars,,xxxxxxxxxxxxxxxxxx"}, "AUTH_TOKENS: token 2"},
 		{map[string]string{"AUTH_TOKENS": "good-one-16-chars,too-short"}, "AUTH_TOKENS: token 2 of the list must be 16 to 256"},

@@ -302,6 +302,14 @@ func (r *redisCacheStore) get(ctx context.Context, typ, key string) (version uin
 		c.Send("HGET", r.keys.meta(typ), "v")
 		c.Send("GET", r.keys.cacheEntry(typ, key))
 		replies, err := redis.Values(do(c, deadline, ""))
+		if err != nil && r.pool.cluster != nil {
+			// On a cluster the entry is on another node than the type,
+			// and that node failing makes a miss: the type's own node
+			// answers the read.
+			var v any
+			v, err = do(c, deadline, "HGET", r.keys.meta(typ), "v")
+			replies = []any{v, nil}
+		}
 		if err != nil {
 			return err
 		}

@@ -101,27 +101,30 @@ func TestBinaryCommandLine(t *testing.T) {
 	}
 }
 
-// TestComposePassesEveryVariable: docker-compose.yml hands the service
-// every variable of .env.example from the shell or a .env file, but for
-// the store and the addresses, which it sets itself.
+// TestComposePassesEveryVariable: docker-compose.yml, and the cluster's
+// docker-compose.cluster.yml, hand the service every variable of
+// .env.example from the shell or a .env file, but for the store and the
+// addresses, which they set themselves.
 func TestComposePassesEveryVariable(t *testing.T) {
-	compose, err := os.ReadFile("docker-compose.yml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	fixed := map[string]bool{"ADDR": true, "STORE": true, "REDIS_URL": true, "REDIS_HOST": true, "REDIS_PORT": true, "REDIS_CLUSTER": true}
-	n := 0
-	for line := range strings.Lines(envExample) {
-		name, _, ok := strings.Cut(strings.TrimSpace(line), "=")
-		if !ok || strings.HasPrefix(name, "#") || fixed[name] {
-			continue
+	for _, file := range []string{"docker-compose.yml", "docker-compose.cluster.yml"} {
+		compose, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
 		}
-		n++
-		if want := "      " + name + ": ${" + name + ":-}\n"; !strings.Contains(string(compose), want) {
-			t.Errorf("docker-compose.yml does not pass %s (want the line %q)", name, want)
+		fixed := map[string]bool{"ADDR": true, "STORE": true, "REDIS_URL": true, "REDIS_HOST": true, "REDIS_PORT": true, "REDIS_CLUSTER": true}
+		n := 0
+		for line := range strings.Lines(envExample) {
+			name, _, ok := strings.Cut(strings.TrimSpace(line), "=")
+			if !ok || strings.HasPrefix(name, "#") || fixed[name] {
+				continue
+			}
+			n++
+			if want := "      " + name + ": ${" + name + ":-}\n"; !strings.Contains(string(compose), want) {
+				t.Errorf("%s does not pass %s (want the line %q)", file, name, want)
+			}
 		}
-	}
-	if n < 20 {
-		t.Fatalf("only %d variables in .env.example", n)
+		if n < 20 {
+			t.Fatalf("only %d variables in .env.example", n)
+		}
 	}
 }

@@ -24,7 +24,8 @@ type config struct {
 	RedisPassword string
 	RedisUsername string
 	RedisTimeout  time.Duration
-	RedisPipeline bool // the request path's commands share connections (pipeline.go)
+	RedisPipeline bool     // the request path's commands share connections (pipeline.go)
+	RedisCluster  []string // REDIS_CLUSTER: host:port of some of the cluster's nodes
 
 	RateLimit           int
 	RateWindow          time.Duration
@@ -111,10 +112,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		LogLevel: p.level("LOG_LEVEL", "info"),
 	}
 	c.RedisAddr, c.RedisDB, c.RedisUsername, c.RedisPassword = p.redis()
-	// Redis Cluster is not supported yet: starting on one of its nodes as
-	// if it were a single Redis would fail on every other slot.
-	if v := strings.TrimSpace(p.getenv("REDIS_CLUSTER")); v != "" {
-		p.errs = append(p.errs, errors.New("REDIS_CLUSTER: Redis Cluster is not supported yet; use REDIS_URL with a single Redis"))
+	c.RedisCluster = p.nodes("REDIS_CLUSTER")
+	if len(c.RedisCluster) > 0 && c.RedisDB != 0 {
+		p.fail("REDIS_CLUSTER", p.getenv("REDIS_CLUSTER"), "a Redis Cluster has only database 0; REDIS_URL names another")
 	}
 	if c.AuthReads && strings.TrimSpace(p.getenv("AUTH_TOKENS")) == "" {
 		p.fail("AUTH_READS", "true", "needs AUTH_TOKENS: the tokens reads would need")
@@ -370,4 +370,22 @@ func (p *envParser) redis() (addr string, db int, user, password string) {
 		password, _ = u.User.Password()
 	}
 	return addr, db, user, password
+}
+
+// nodes parses a comma-separated list of host:port addresses.
+func (p *envParser) nodes(name string) []string {
+	var out []string
+	for _, f := range strings.Split(p.getenv(name), ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		host, port, err := net.SplitHostPort(f)
+		if n, perr := strconv.Atoi(port); err != nil || host == "" || perr != nil || n < 1 || n > 65535 {
+			p.fail(name, f, "must be a comma-separated list of host:port addresses")
+			continue
+		}
+		out = append(out, f)
+	}
+	return out
 }

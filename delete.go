@@ -243,14 +243,42 @@ func (s *redisStore) remove(ctx context.Context, typ string, match []label, _ ti
 		}
 	}
 	args = append(args, s.keys.streamChannel(), encodeUpdates([]update{{typ: typ, resync: resyncDeleted}}))
-	var n int
+	if s.cluster {
+		// The sets no type's slot holds are written around the step: the
+		// type joins those to reclaim first (a type in it with nothing to
+		// reclaim just leaves it), and a deleted type leaves the type names
+		// and the types to compact after.
+		keys[0], keys[1], keys[2] = keys[3], keys[3], keys[3]
+		args = append(args, 1)
+		if err := s.pool.with(ctx, "delete", func(c redis.Conn, deadline time.Time) error {
+			_, err := do(c, deadline, "SADD", s.keys.reclaimTypes(), typ)
+			return err
+		}); err != nil {
+			return 0, err
+		}
+	}
+	var answer []int
 	err = s.pool.with(ctx, "delete", func(c redis.Conn, deadline time.Time) error {
 		var err error
-		n, err = redis.Int(deleteScript.run(c, deadline, keys, args...))
+		answer, err = redis.Ints(deleteScript.run(c, deadline, keys, args...))
+		if err == nil && len(answer) != 2 {
+			err = errors.New("delete: unexpected reply")
+		}
 		return err
 	})
 	if err != nil {
 		return 0, err
+	}
+	n := answer[0]
+	if s.cluster && answer[1] == 1 {
+		// Failing here leaves the name taking MAX_TYPES room; the delete
+		// itself is done.
+		s.pool.with(ctx, "delete", func(c redis.Conn, deadline time.Time) error {
+			c.Send("SREM", s.keys.types(), typ)
+			c.Send("SREM", s.keys.compactTypes(), typ)
+			_, err := do(c, deadline, "")
+			return err
+		})
 	}
 	// Failing here leaves the rest to the background: the delete is done.
 	rctx, cancel := context.WithTimeout(ctx, s.reclaimWait)
@@ -341,11 +369,23 @@ func (s *redisStore) reclaimStep(ctx context.Context, typ string, hashes []strin
 	for _, h := range hashes {
 		args = append(args, h)
 	}
+	if s.cluster {
+		// lua/reclaim.lua leaves the set of types to reclaim to the
+		// service, below.
+		keys[0] = keys[1]
+		args = append(args, 1)
+	}
 	var step int
 	err = s.pool.with(ctx, "reclaim", func(c redis.Conn, deadline time.Time) error {
 		var err error
 		step, err = redis.Int(reclaimScript.run(c, deadline, keys, args...))
 		return err
 	})
+	if s.cluster && err == nil && step == 1 {
+		err = s.pool.with(ctx, "reclaim", func(c redis.Conn, deadline time.Time) error {
+			_, err := do(c, deadline, "SREM", s.keys.reclaimTypes(), typ)
+			return err
+		})
+	}
 	return step == 1, err
 }

@@ -187,138 +187,141 @@ func TestDeleteMatchesRecomputation(t *testing.T) {
 		clock time.Duration
 	}{{"forever", retention{}, 10 * 24 * time.Hour}, {"default", def, 3 * time.Hour}} {
 		t.Run(tc.name, func(t *testing.T) {
-			cfg := testConfig(t)
-			cfg.Retention = tc.h
-			clock := newFakeClock(testEpoch.Add(tc.clock))
-			mem, ra, rb := comparedStores(t, cfg, clock)
-			ctx := context.Background()
-			rng := rand.New(rand.NewPCG(5, 6))
-			span := int64(3600)
-			types := []string{"cpu", "mem", "disk"}
-			hosts, regions := []string{"", "a", "b", "c", "d"}, []string{"", "x", "y"}
-			raw := map[string][]labelledRaw{}
-			ingest := func(n int) {
-				for i := range n {
-					var in []sample
-					for range 1 + rng.IntN(6) {
-						typ := types[rng.IntN(len(types))]
-						r := labelledRaw{labels: map[string]string{}}
-						var ls []label
-						if h := hosts[rng.IntN(len(hosts))]; h != "" {
-							ls, r.labels["host"] = append(ls, label{"host", h}), h
-						}
-						if g := regions[rng.IntN(len(regions))]; g != "" {
-							ls, r.labels["region"] = append(ls, label{"region", g}), g
-						}
-						r.at = testEpoch.Add(time.Duration(rng.Int64N(span))*time.Second).UnixMicro() + rng.Int64N(1_000_000)
-						r.value = float64(rng.IntN(4001)-2000) / 10
-						in = append(in, sample{typ: typ, series: seriesID(ls), at: r.at, value: r.value})
-						raw[typ] = append(raw[typ], r)
-					}
-					addSamples(t, mem.store, cfg.Retention, in, clock.now())
-					addSamples(t, []backend{ra, rb}[i%2].store, cfg.Retention, in, clock.now())
-				}
-			}
-			compare := func(step string) {
-				t.Helper()
-				windows := []window{allTime}
-				if tc.h == (retention{}) {
-					windows = groupWindows(rng, span)[:60]
-				}
-				for _, typ := range types {
-					filters := [][]label{nil}
-					for _, h := range hosts[1:] {
-						filters = append(filters, []label{{"host", h}})
-					}
-					for _, r := range regions[1:] {
-						filters = append(filters, []label{{"region", r}})
-					}
-					for _, match := range filters {
-						var kept []rawSample
-						for _, r := range raw[typ] {
-							if r.holds(match) {
-								kept = append(kept, r.rawSample)
-							}
-						}
-						for _, w := range windows {
-							from, to := w.bounds()
-							checkStoresAgree(t, fmt.Sprintf("%s: %s %v", step, typ, match), mem, rb, typ, from, to, labelFilter{match: match}, kept)
-						}
-					}
-					mm, _ := mem.store.meta(ctx, typ)
-					rm, _ := rb.store.meta(ctx, typ)
-					if mm.version != rm.version || mm.first != rm.first || mm.newest != rm.newest {
-						t.Fatalf("%s: %s meta: memory %+v, redis %+v", step, typ, mm, rm)
-					}
-				}
-				mt, err := mem.store.types(ctx, clock.now())
-				if err != nil {
-					t.Fatal(err)
-				}
-				rt, err := ra.store.types(ctx, clock.now())
-				if err != nil {
-					t.Fatal(err)
-				}
-				describe := func(ms []typeMeta) string {
-					var out []string
-					for _, m := range ms {
-						c := int64(0)
-						if tc.h.forever() {
-							c = m.total.count
-						}
-						out = append(out, fmt.Sprintf("%s v%d n%d s%d", m.name, m.version, c, m.series))
-					}
-					return strings.Join(out, ", ")
-				}
-				if describe(mt) != describe(rt) {
-					t.Fatalf("%s: types: memory %s, redis %s", step, describe(mt), describe(rt))
-				}
-			}
-
-			ingest(300)
-			compare("after the ingests")
-			deletes := []struct {
-				typ   string
-				match []label
-			}{
-				{"cpu", []label{{"host", "a"}}},
-				{"cpu", []label{{"region", "x"}}},
-				{"mem", []label{{"host", "b"}, {"region", "y"}}},
-				{"cpu", []label{{"host", "zz"}}},
-				{"disk", nil},
-				{"mem", []label{{"host", "c"}}},
-				{"cpu", nil},
-			}
-			for i, d := range deletes {
-				if i == 5 {
-					ingest(100) // disk made again, the others grown
-					compare("after more ingests")
-				}
-				step := fmt.Sprintf("delete %d (%s %v)", i, d.typ, d.match)
-				n, err := mem.store.remove(ctx, d.typ, d.match, clock.now())
-				if err != nil {
-					t.Fatal(err)
-				}
-				rs := []backend{ra, rb}[i%2].store.(*redisStore)
-				rn, err := rs.remove(ctx, d.typ, d.match, clock.now())
-				if err != nil {
-					t.Fatalf("%s: redis: %v", step, err)
-				}
-				// Reclaimed to the end, however long the machine takes:
-				// until then sums agree to rounding only.
-				if _, err := rs.reclaimType(ctx, d.typ); err != nil {
-					t.Fatalf("%s: reclaim: %v", step, err)
-				}
-				if n != rn {
-					t.Fatalf("%s: memory deleted %d series, redis %d", step, n, rn)
-				}
-				if want := i != 3; (n > 0) != want {
-					t.Fatalf("%s: %d series deleted", step, n)
-				}
-				raw[d.typ] = slices.DeleteFunc(raw[d.typ], func(r labelledRaw) bool { return r.holds(d.match) })
-				compare(step)
-			}
+			onEachRedis(t, func(t *testing.T, cfg config) { testDeleteMatchesRecomputation(t, cfg, tc.h, tc.clock) })
 		})
+	}
+}
+
+func testDeleteMatchesRecomputation(t *testing.T, cfg config, h retention, at time.Duration) {
+	cfg.Retention = h
+	clock := newFakeClock(testEpoch.Add(at))
+	mem, ra, rb := comparedStores(t, cfg, clock)
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(5, 6))
+	span := int64(3600)
+	types := []string{"cpu", "mem", "disk"}
+	hosts, regions := []string{"", "a", "b", "c", "d"}, []string{"", "x", "y"}
+	raw := map[string][]labelledRaw{}
+	ingest := func(n int) {
+		for i := range n {
+			var in []sample
+			for range 1 + rng.IntN(6) {
+				typ := types[rng.IntN(len(types))]
+				r := labelledRaw{labels: map[string]string{}}
+				var ls []label
+				if h := hosts[rng.IntN(len(hosts))]; h != "" {
+					ls, r.labels["host"] = append(ls, label{"host", h}), h
+				}
+				if g := regions[rng.IntN(len(regions))]; g != "" {
+					ls, r.labels["region"] = append(ls, label{"region", g}), g
+				}
+				r.at = testEpoch.Add(time.Duration(rng.Int64N(span))*time.Second).UnixMicro() + rng.Int64N(1_000_000)
+				r.value = float64(rng.IntN(4001)-2000) / 10
+				in = append(in, sample{typ: typ, series: seriesID(ls), at: r.at, value: r.value})
+				raw[typ] = append(raw[typ], r)
+			}
+			addSamples(t, mem.store, cfg.Retention, in, clock.now())
+			addSamples(t, []backend{ra, rb}[i%2].store, cfg.Retention, in, clock.now())
+		}
+	}
+	compare := func(step string) {
+		t.Helper()
+		windows := []window{allTime}
+		if h == (retention{}) {
+			windows = groupWindows(rng, span)[:60]
+		}
+		for _, typ := range types {
+			filters := [][]label{nil}
+			for _, h := range hosts[1:] {
+				filters = append(filters, []label{{"host", h}})
+			}
+			for _, r := range regions[1:] {
+				filters = append(filters, []label{{"region", r}})
+			}
+			for _, match := range filters {
+				var kept []rawSample
+				for _, r := range raw[typ] {
+					if r.holds(match) {
+						kept = append(kept, r.rawSample)
+					}
+				}
+				for _, w := range windows {
+					from, to := w.bounds()
+					checkStoresAgree(t, fmt.Sprintf("%s: %s %v", step, typ, match), mem, rb, typ, from, to, labelFilter{match: match}, kept)
+				}
+			}
+			mm, _ := mem.store.meta(ctx, typ)
+			rm, _ := rb.store.meta(ctx, typ)
+			if mm.version != rm.version || mm.first != rm.first || mm.newest != rm.newest {
+				t.Fatalf("%s: %s meta: memory %+v, redis %+v", step, typ, mm, rm)
+			}
+		}
+		mt, err := mem.store.types(ctx, clock.now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		rt, err := ra.store.types(ctx, clock.now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		describe := func(ms []typeMeta) string {
+			var out []string
+			for _, m := range ms {
+				c := int64(0)
+				if h.forever() {
+					c = m.total.count
+				}
+				out = append(out, fmt.Sprintf("%s v%d n%d s%d", m.name, m.version, c, m.series))
+			}
+			return strings.Join(out, ", ")
+		}
+		if describe(mt) != describe(rt) {
+			t.Fatalf("%s: types: memory %s, redis %s", step, describe(mt), describe(rt))
+		}
+	}
+
+	ingest(300)
+	compare("after the ingests")
+	deletes := []struct {
+		typ   string
+		match []label
+	}{
+		{"cpu", []label{{"host", "a"}}},
+		{"cpu", []label{{"region", "x"}}},
+		{"mem", []label{{"host", "b"}, {"region", "y"}}},
+		{"cpu", []label{{"host", "zz"}}},
+		{"disk", nil},
+		{"mem", []label{{"host", "c"}}},
+		{"cpu", nil},
+	}
+	for i, d := range deletes {
+		if i == 5 {
+			ingest(100) // disk made again, the others grown
+			compare("after more ingests")
+		}
+		step := fmt.Sprintf("delete %d (%s %v)", i, d.typ, d.match)
+		n, err := mem.store.remove(ctx, d.typ, d.match, clock.now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		rs := []backend{ra, rb}[i%2].store.(*redisStore)
+		rn, err := rs.remove(ctx, d.typ, d.match, clock.now())
+		if err != nil {
+			t.Fatalf("%s: redis: %v", step, err)
+		}
+		// Reclaimed to the end, however long the machine takes:
+		// until then sums agree to rounding only.
+		if _, err := rs.reclaimType(ctx, d.typ); err != nil {
+			t.Fatalf("%s: reclaim: %v", step, err)
+		}
+		if n != rn {
+			t.Fatalf("%s: memory deleted %d series, redis %d", step, n, rn)
+		}
+		if want := i != 3; (n > 0) != want {
+			t.Fatalf("%s: %d series deleted", step, n)
+		}
+		raw[d.typ] = slices.DeleteFunc(raw[d.typ], func(r labelledRaw) bool { return r.holds(d.match) })
+		compare(step)
 	}
 }
 

@@ -76,6 +76,9 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 // Such an ingest runs alone: its record decides whether it is applied at
 // all, which no other ingest's run should depend on.
 func (s *redisStore) addOnce(ctx context.Context, batches []typeBatch, now time.Time, o *onceKey) error {
+	if s.cluster {
+		return s.addCluster(ctx, batches, now, o)
+	}
 	in := &queuedIngest{ctx: ctx, batches: batches, once: o, now: now, arrived: time.Now()}
 	for _, b := range batches {
 		in.samples += b.samples

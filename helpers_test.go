@@ -133,6 +133,9 @@ func hostBody(typ, host string, at time.Time, v float64) string {
 func comparedStores(t *testing.T, cfg config, clock *fakeClock) (mem, redisA, redisB backend) {
 	t.Helper()
 	needRedis(t)
+	if len(cfg.RedisCluster) > 0 {
+		needCluster(t)
+	}
 	prefix := testPrefix()
 	poolB := newRedisPool(cfg, nil)
 	t.Cleanup(func() { poolB.Close() })
@@ -228,21 +231,42 @@ func testPool(t testing.TB, cfg config, prefix string) *redisPool {
 }
 
 func deleteKeys(pool *redisPool, prefix string) {
-	c := pool.Get()
-	defer c.Close()
-	cursor := "0"
-	for {
-		reply, err := redis.Values(c.Do("SCAN", cursor, "MATCH", prefix+"*", "COUNT", 1000))
-		if err != nil {
-			return
+	eachNode(pool, func(c redis.Conn) {
+		cursor := "0"
+		for {
+			reply, err := redis.Values(c.Do("SCAN", cursor, "MATCH", prefix+"*", "COUNT", 1000))
+			if err != nil {
+				return
+			}
+			cursor, _ = redis.String(reply[0], nil)
+			keys, _ := redis.Strings(reply[1], nil)
+			for _, k := range keys { // one by one: on a cluster they are on many slots
+				c.Send("UNLINK", k)
+			}
+			c.Do("")
+			if cursor == "0" {
+				return
+			}
 		}
-		cursor, _ = redis.String(reply[0], nil)
-		if keys, _ := redis.Values(reply[1], nil); len(keys) > 0 {
-			c.Do("UNLINK", keys...)
-		}
-		if cursor == "0" {
-			return
-		}
+	})
+}
+
+// eachNode runs fn with a connection to each master: the one Redis, or
+// every master of a cluster.
+func eachNode(pool *redisPool, fn func(c redis.Conn)) {
+	if pool.cluster == nil {
+		c := pool.Get()
+		defer c.Close()
+		fn(c)
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	masters, _ := pool.cluster.masters(ctx)
+	for _, addr := range masters {
+		c := pool.cluster.node(addr).Get()
+		fn(c)
+		c.Close()
 	}
 }
 
@@ -304,6 +328,22 @@ func forEachStore(t *testing.T, mutate func(*config), fn func(t *testing.T, e st
 	t.Run("redis", func(t *testing.T) {
 		fn(t, redisStoreEnv(t, mutate))
 	})
+	t.Run("cluster", func(t *testing.T) {
+		fn(t, clusterStoreEnv(t, mutate))
+	})
+}
+
+// onEachRedis runs fn as a subtest with the test configuration on the
+// one Redis and on the cluster, for the tests that compare them with the
+// memory store.
+func onEachRedis(t *testing.T, fn func(t *testing.T, cfg config)) {
+	t.Run("redis", func(t *testing.T) { fn(t, testConfig(t)) })
+	t.Run("cluster", func(t *testing.T) {
+		needCluster(t)
+		cfg := testConfig(t)
+		cfg.RedisCluster = sharedCluster.addrs
+		fn(t, cfg)
+	})
 }
 
 // redisStoreEnv is the Redis half of forEachStore, for a test of Redis
@@ -315,10 +355,17 @@ func redisStoreEnv(t *testing.T, mutate func(*config)) storeEnv {
 	if mutate != nil {
 		mutate(&cfg)
 	}
+	return sharedStoreEnv(t, "redis", cfg)
+}
+
+// sharedStoreEnv is a backend on cfg's Redis, one or a cluster, under a
+// prefix of its own, which can be opened again as a second instance.
+func sharedStoreEnv(t *testing.T, name string, cfg config) storeEnv {
+	t.Helper()
 	prefix := testPrefix()
 	pool := testPool(t, cfg, prefix)
 	clock := newFakeClock(storeEpoch)
-	e := storeEnv{name: "redis", cfg: cfg, clock: clock, pool: pool, prefix: prefix}
+	e := storeEnv{name: name, cfg: cfg, clock: clock, pool: pool, prefix: prefix}
 	e.b = newRedisBackend(pool, prefix, cfg, clock.now)
 	e.reopen = func() backend {
 		p := newRedisPool(cfg, nil)

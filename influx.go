@@ -382,6 +382,14 @@ func handleLineProtocol(log *slog.Logger, cfg config, tel *telemetry, store metr
 				if re.status == http.StatusServiceUnavailable {
 					w.Header().Set("Retry-After", "1")
 				}
+				if stored := storedTypes(err); stored != nil {
+					writeJSON(w, re.status, struct {
+						Code    string   `json:"code"`
+						Message string   `json:"message"`
+						Stored  []string `json:"stored"`
+					}{influxCodes[re.status], partlyStoredDetail, stored})
+					return
+				}
 				writeInfluxError(w, re.status, re.detail)
 				return
 			}

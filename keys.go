@@ -126,6 +126,10 @@ func (k keys) garbage(typ string) string { return k.tag(typ) + "gc" }
 // once names an Idempotency-Key's record, by the key's digest.
 func (k keys) once(id string) string { return k.prefix + "once:" + id }
 
+// oncePart names an Idempotency-Key's record on a type's slot, on a Redis
+// Cluster: the type's part of the ingest is applied.
+func (k keys) oncePart(typ, id string) string { return k.tag(typ) + "o:" + id }
+
 func (k keys) streamChannel() string { return k.prefix + "stream" }
 
 func (k keys) cacheIndex() string { return k.prefix + "{cache}:idx" }

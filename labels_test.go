@@ -26,8 +26,9 @@ type labelledRaw struct {
 // instances, alternately), then checks random filters, group-bys, windows
 // and series against a recomputation from the raw samples, and the stores
 // against each other, to the bit.
-func TestLabelsMatchBruteForce(t *testing.T) {
-	cfg := testConfig(t)
+func TestLabelsMatchBruteForce(t *testing.T) { onEachRedis(t, testLabelsMatchBruteForce) }
+
+func testLabelsMatchBruteForce(t *testing.T, cfg config) {
 	cfg.Retention = retention{}
 	clock := newFakeClock(testEpoch.Add(10 * 24 * time.Hour))
 	mem, redisA, redisB := comparedStores(t, cfg, clock)

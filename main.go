@@ -197,7 +197,8 @@ func newMemoryBackend(cfg config, now func() time.Time) backend {
 func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time.Time) backend {
 	k := keys{prefix: prefix}
 	s := newRedisStore(pool, k, cfg.Retention, cfg.MaxTypes, cfg.MaxSeries)
-	s.grouped = cfg.RedisPipeline
+	s.cluster = pool.cluster != nil
+	s.grouped = cfg.RedisPipeline && !s.cluster
 	s.cacheTTL = cfg.CacheTTL
 	h := newHub(cfg.MaxStreams)
 	return backend{
@@ -347,5 +348,28 @@ func writeFailure(w http.ResponseWriter, r *http.Request, log *slog.Logger, err 
 	}
 	log.Warn("store unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
 	w.Header().Set("Retry-After", "1")
+	if stored := storedTypes(err); stored != nil {
+		writeJSON(w, http.StatusServiceUnavailable, partlyStoredBody{Detail: partlyStoredDetail, Stored: stored})
+		return
+	}
 	writeError(w, http.StatusServiceUnavailable, "store unavailable, try again shortly")
+}
+
+// partlyStoredDetail is the 503 of an ingest that a Redis Cluster stored
+// only part of: the types it names are stored.
+const partlyStoredDetail = "store unavailable: only the types in stored were stored; retry with the same Idempotency-Key to store the rest"
+
+type partlyStoredBody struct {
+	Detail string   `json:"detail"`
+	Stored []string `json:"stored"`
+}
+
+// storedTypes is the types a partly stored ingest stored; nil for any other
+// error.
+func storedTypes(err error) []string {
+	var ps *partlyStoredError
+	if errors.As(err, &ps) {
+		return ps.stored
+	}
+	return nil
 }

@@ -39,6 +39,10 @@ type redisPool struct {
 	// reads far longer than REDIS_TIMEOUT.
 	dialOwn func(ctx context.Context, readTimeout time.Duration) (redis.Conn, error)
 
+	// cluster routes every command by its key's slot (cluster.go); nil
+	// for a single Redis.
+	cluster *cluster
+
 	// clockOffset is Redis's clock minus this host's, in microseconds,
 	// measured on every new connection. Deadlines sent to Redis (the
 	// ingest fence) are shifted by it, so the two clocks need not agree.
@@ -78,9 +82,22 @@ const maxRedisConns = 64
 const redisClientName = "analytics"
 
 func newRedisPool(cfg config, tel *telemetry) *redisPool {
-	p := &redisPool{timeout: cfg.RedisTimeout, tel: tel, checkIdleAfter: time.Second}
+	if len(cfg.RedisCluster) > 0 {
+		return newClusterPool(cfg, tel)
+	}
+	p := newNodePool(cfg, cfg.RedisAddr, tel, nil)
 	if tel != nil {
 		tel.redisConns = &p.open
+	}
+	return p
+}
+
+// newNodePool is the pool of one Redis at addr; its connections are counted
+// in open (its own count when nil).
+func newNodePool(cfg config, addr string, tel *telemetry, open *atomic.Int64) *redisPool {
+	p := &redisPool{timeout: cfg.RedisTimeout, tel: tel, checkIdleAfter: time.Second}
+	if open == nil {
+		open = &p.open
 	}
 	dialer := &net.Dialer{Timeout: cfg.RedisTimeout, KeepAlive: 5 * time.Minute}
 	// Every connection is counted from dial to close: the pool's own
@@ -90,26 +107,12 @@ func newRedisPool(cfg config, tel *telemetry) *redisPool {
 		if err != nil {
 			return nil, err
 		}
-		p.open.Add(1)
-		return &countedConn{Conn: c, open: &p.open}, nil
+		open.Add(1)
+		return &countedConn{Conn: c, open: open}, nil
 	}
-	opts := []redis.DialOption{
-		redis.DialContextFunc(dialCounted),
-		redis.DialReadTimeout(cfg.RedisTimeout),
-		redis.DialWriteTimeout(cfg.RedisTimeout),
-		redis.DialDatabase(cfg.RedisDB),
-		// Named, so an operator's CLIENT LIST tells this service's
-		// connections apart.
-		redis.DialClientName(redisClientName),
-	}
-	if cfg.RedisPassword != "" {
-		opts = append(opts, redis.DialPassword(cfg.RedisPassword))
-	}
-	if cfg.RedisUsername != "" {
-		opts = append(opts, redis.DialUsername(cfg.RedisUsername))
-	}
+	opts := dialOptions(cfg, dialCounted)
 	p.dialOwn = func(ctx context.Context, readTimeout time.Duration) (redis.Conn, error) {
-		return redis.DialContext(ctx, "tcp", cfg.RedisAddr, append(slices.Clip(opts), redis.DialReadTimeout(readTimeout))...)
+		return redis.DialContext(ctx, "tcp", addr, append(slices.Clip(opts), redis.DialReadTimeout(readTimeout))...)
 	}
 	if cfg.RedisPipeline {
 		// redigo dials and says hello (AUTH, SELECT, CLIENT SETNAME), the
@@ -121,7 +124,7 @@ func newRedisPool(cfg config, tel *telemetry) *redisPool {
 				raw = c
 				return c, err
 			})
-			c, err := redis.DialContext(ctx, "tcp", cfg.RedisAddr, append(slices.Clip(opts), capture)...)
+			c, err := redis.DialContext(ctx, "tcp", addr, append(slices.Clip(opts), capture)...)
 			if err == nil {
 				err = p.readClock(ctx, c)
 			}
@@ -141,7 +144,7 @@ func newRedisPool(cfg config, tel *telemetry) *redisPool {
 		IdleTimeout: 5 * time.Minute,
 		Wait:        true,
 		DialContext: func(ctx context.Context) (redis.Conn, error) {
-			c, err := redis.DialContext(ctx, "tcp", cfg.RedisAddr, opts...)
+			c, err := redis.DialContext(ctx, "tcp", addr, opts...)
 			if err == nil {
 				if err = p.readClock(ctx, c); err != nil {
 					c.Close()
@@ -173,6 +176,27 @@ func newRedisPool(cfg config, tel *telemetry) *redisPool {
 	return p
 }
 
+// dialOptions are the options of every connection to Redis: deadlines,
+// database, name and credentials.
+func dialOptions(cfg config, dial func(ctx context.Context, network, addr string) (net.Conn, error)) []redis.DialOption {
+	opts := []redis.DialOption{
+		redis.DialContextFunc(dial),
+		redis.DialReadTimeout(cfg.RedisTimeout),
+		redis.DialWriteTimeout(cfg.RedisTimeout),
+		redis.DialDatabase(cfg.RedisDB),
+		// Named, so an operator's CLIENT LIST tells this service's
+		// connections apart.
+		redis.DialClientName(redisClientName),
+	}
+	if cfg.RedisPassword != "" {
+		opts = append(opts, redis.DialPassword(cfg.RedisPassword))
+	}
+	if cfg.RedisUsername != "" {
+		opts = append(opts, redis.DialUsername(cfg.RedisUsername))
+	}
+	return opts
+}
+
 // countedConn takes itself off the count of open connections when closed.
 type countedConn struct {
 	net.Conn
@@ -199,6 +223,9 @@ func (p *redisPool) conn(ctx context.Context) (redis.Conn, time.Time, error) {
 // borrow is a connection for one operation that must start by deadline:
 // the pipeline's, or one of the pool's.
 func (p *redisPool) borrow(ctx context.Context, deadline time.Time) (redis.Conn, error) {
+	if p.cluster != nil {
+		return &clusterConn{cl: p.cluster, ctx: ctx, deadline: deadline}, nil
+	}
 	if p.pipe != nil {
 		return &pipeOp{p: p.pipe, deadline: deadline}, nil
 	}
@@ -209,6 +236,9 @@ func (p *redisPool) borrow(ctx context.Context, deadline time.Time) (redis.Conn,
 
 // Close closes the pipeline's connection and the pool.
 func (p *redisPool) Close() error {
+	if p.cluster != nil {
+		p.cluster.close()
+	}
 	if p.pipe != nil {
 		p.pipe.close()
 	}
@@ -245,6 +275,9 @@ func (p *redisPool) with(ctx context.Context, op string, fn func(c redis.Conn, d
 // as much as a PING of their own would, and a burst of checks costs Redis
 // one command.
 func (p *redisPool) ping(ctx context.Context) error {
+	if p.cluster != nil {
+		return p.cluster.ping(ctx)
+	}
 	_, err := p.pings.do(ctx, "ping", func(ctx context.Context) (any, error) {
 		return nil, p.with(ctx, "ping", func(c redis.Conn, deadline time.Time) error {
 			_, err := do(c, deadline, "PING")

@@ -69,6 +69,19 @@ func testMain(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, "REQUIRE_REDIS=1 but redis-server is not on PATH and REDIS_URL is not set")
 		return 1
 	}
+	if _, err := exec.LookPath("redis-server"); err == nil {
+		dir, err := os.MkdirTemp("", "redis-cluster-test-")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer os.RemoveAll(dir)
+		stop, ok := startSharedCluster(dir)
+		if !ok {
+			return 1
+		}
+		defer stop()
+	}
 	// os/signal starts a goroutine for the life of the process the first
 	// time run subscribes to signals; start it now so it is not counted.
 	sig := make(chan os.Signal, 1)

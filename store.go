@@ -567,7 +567,12 @@ type redisStore struct {
 	maxSeries int
 	queue     ingestQueue // ingests waiting to be applied in a group (groupcommit.go)
 	grouped   bool        // small ingests share runs; false with REDIS_PIPELINE=false
-	cacheTTL  time.Duration
+	cluster   bool        // on a Redis Cluster, one type's keys to a slot (clusterstore.go)
+	// checked, when set, runs between the check and the writes of an
+	// ingest of several types on a cluster: for tests that fail a node
+	// in the middle of one.
+	checked  func()
+	cacheTTL time.Duration
 	// stepBudget is how many keys one step of reclaiming a delete's keys
 	// reads, and reclaimWait how long a delete reclaims before it answers
 	// (delete.go).
@@ -628,7 +633,16 @@ func (s *redisStore) ingestCall(ingests [][]typeBatch, o *onceKey, now time.Time
 	}
 	names := slices.Sorted(maps.Keys(byType))
 	c := &ingestCall{s: s, idx: s.indexed(), ix: map[resolution]int{}, keys: []string{s.keys.types(), s.keys.compactTypes()}}
-	c.args = []any{0, now.UnixMicro(), s.maxTypes, s.maxSeries, len(names), len(c.idx), o != nil}
+	flags := 0
+	if o != nil {
+		flags |= ingestOnce
+	}
+	if s.cluster {
+		// One type's run, whose keys are all on its slot (lua/ingest.lua).
+		flags |= ingestOnCluster
+		c.keys = []string{s.keys.meta(names[0]), s.keys.meta(names[0])}
+	}
+	c.args = []any{0, now.UnixMicro(), s.maxTypes, s.maxSeries, len(names), len(c.idx), flags}
 	for i, r := range c.idx {
 		c.ix[r] = i + 1
 		c.args = append(c.args, s.horizon[r], r.seconds(), r.chunk()*r.seconds(), r.String())
@@ -659,11 +673,23 @@ func (s *redisStore) ingestCall(ingests [][]typeBatch, o *onceKey, now time.Time
 	}
 	c.args = append(c.args, s.keys.streamChannel(), encodeUpdates(updatesOf(all, now.Unix(), s.horizon)))
 	if o != nil {
-		c.keys = append(c.keys, s.keys.once(o.id))
+		if s.cluster {
+			c.keys = append(c.keys, s.keys.oncePart(names[0], o.id))
+		} else {
+			c.keys = append(c.keys, s.keys.once(o.id))
+		}
 		c.args = append(c.args, o.record(), onceLifetime.Milliseconds())
 	}
 	return c
 }
+
+// The flags of a run of lua/ingest.lua (its ARGV[7]).
+const (
+	ingestOnce       = 1 // with an Idempotency-Key's record
+	ingestOnCluster  = 2 // one type's run on a Redis Cluster
+	ingestRegistered = 4 // its new type's MAX_TYPES room is taken
+	ingestCheckOnly  = 8 // check, write nothing
+)
 
 // mergedSeries is a series of a type in an ingest call: the anchor it
 // holds data until, and its deltas in each ingest that adds to it.
@@ -797,9 +823,18 @@ func (s *redisStore) apply(ctx context.Context, ingests [][]typeBatch, o *onceKe
 	if rec, ok := reply.([]byte); ok && err == nil && o != nil {
 		return false, replayOf(o, rec)
 	}
+	if _, ok := err.(redis.Error); !ok {
+		return err != nil, err
+	}
+	return false, refusalOf(err, ingests)
+}
+
+// refusalOf words the ingest script's refusal of ingests for the client;
+// any other error is returned as it is.
+func refusalOf(err error, ingests [][]typeBatch) error {
 	rerr, ok := err.(redis.Error)
 	if !ok {
-		return err != nil, err
+		return err
 	}
 	f := strings.Fields(string(rerr))
 	find := func(typ, hash string) string {
@@ -812,22 +847,22 @@ func (s *redisStore) apply(ctx context.Context, ingests [][]typeBatch, o *onceKe
 	}
 	switch {
 	case len(f) == 2 && f[0] == "TOOMANYTYPES":
-		return false, &tooManyTypesError{f[1]}
+		return &tooManyTypesError{f[1]}
 	case len(f) == 3 && f[0] == "TOOMANYSERIES":
-		return false, &tooManySeriesError{typ: f[1], id: find(f[1], f[2])}
+		return &tooManySeriesError{typ: f[1], id: find(f[1], f[2])}
 	case len(f) == 3 && f[0] == "COLLISION":
-		return false, unprocessable("labels {%s} of %s cannot be stored: their key collides with another series of the type; rename a label",
+		return unprocessable("labels {%s} of %s cannot be stored: their key collides with another series of the type; rename a label",
 			find(f[1], f[2]), f[1])
 	case len(f) == 2 && f[0] == "DELETING":
-		return false, errBeingDeleted(f[1])
+		return errBeingDeleted(f[1])
 	case len(f) > 0 && f[0] == "KEYREUSED":
-		return false, errKeyReused
-	case len(f) == 3 && f[0] == "TOOOLD":
+		return errKeyReused
+	case len(f) >= 3 && f[0] == "TOOOLD":
 		if anchor, perr := strconv.ParseInt(f[2], 10, 64); perr == nil {
-			return false, &tooOldError{typ: f[1], anchor: anchor}
+			return &tooOldError{typ: f[1], anchor: anchor}
 		}
 	}
-	return false, err
+	return err
 }
 
 // seriesByHash finds the id of the series of typ in batches whose hash is

@@ -145,8 +145,9 @@ func checkAgainstBruteForce(t *testing.T, name string, got aggregateValues, raw 
 // store and in Redis (through two instances, alternately), then checks
 // 1,000 random whole-second windows against a recomputation from the raw
 // samples, and the two stores against each other, to the bit.
-func TestWindowsMatchBruteForce(t *testing.T) {
-	cfg := testConfig(t)
+func TestWindowsMatchBruteForce(t *testing.T) { onEachRedis(t, testWindowsMatchBruteForce) }
+
+func testWindowsMatchBruteForce(t *testing.T, cfg config) {
 	cfg.Retention = retention{} // everything kept: every window is answerable
 	clock := newFakeClock(testEpoch.Add(10 * 24 * time.Hour))
 	mem, redisA, redisB := comparedStores(t, cfg, clock)

@@ -45,21 +45,36 @@ func liveServe(t testing.TB, e storeEnv, b backend, configure func(*httptest.Ser
 }
 
 // subscribers waits until at least n subscribers listen on e's stream
-// channel, as Redis counts them.
+// channel, as Redis counts them (on a cluster, each node its own).
 func subscribers(t testing.TB, e storeEnv, n int) {
 	t.Helper()
-	c, err := redis.Dial("tcp", e.cfg.RedisAddr)
-	if err != nil {
-		t.Fatal(err)
+	addrs := []string{e.cfg.RedisAddr}
+	if len(e.cfg.RedisCluster) > 0 {
+		addrs = e.cfg.RedisCluster
 	}
-	defer c.Close()
+	var conns []redis.Conn
+	for _, addr := range addrs {
+		c, err := redis.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
 	channel := keys{prefix: e.prefix}.streamChannel()
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) { // polling Redis for a state
-		v, err := redis.Values(c.Do("PUBSUB", "NUMSUB", channel))
-		if err == nil && len(v) == 2 {
-			if got, _ := redis.Int(v[1], nil); got >= n {
-				return
+		got := 0
+		var err error
+		for _, c := range conns {
+			var v []any
+			v, err = redis.Values(c.Do("PUBSUB", "NUMSUB", channel))
+			if err == nil && len(v) == 2 {
+				k, _ := redis.Int(v[1], nil)
+				got += k
 			}
+		}
+		if got >= n {
+			return
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("fewer than %d subscribers on %s after 5s (%v)", n, channel, err)

@@ -19,7 +19,10 @@
 -- series to delete and each one's hash and id; per label set in KEYS, the
 -- number of the deleted ids it holds and the ids; the live stream's
 -- channel and the message that tells every instance's streams to read
--- the type again.
+-- the type again; 1 on a Redis Cluster, where the first three KEYS are the
+-- type's meta again, standing in for the sets the service writes itself
+-- around the step (clusterstore.go). Returns the number of series deleted
+-- and 1 when that was the whole type.
 local name, tag = ARGV[1], ARGV[2]
 local a = 3
 local asked = {}
@@ -29,16 +32,18 @@ end
 a = a + 1 + 2 * #asked
 
 local m = redis.call('HMGET', KEYS[4], 'v', 'f', 'x', 'd')
-if not m[2] or m[3] then return 0 end -- no data: never written, or deleted
+if not m[2] or m[3] then return {0, 0} end -- no data: never written, or deleted
 -- A series the registry no longer holds (retention dropped it) is not
 -- deleted again.
 local deleted = {}
 for _, s in ipairs(asked) do
   if redis.call('HGET', KEYS[5], s.hash) == s.id then deleted[#deleted + 1] = s end
 end
-if #deleted == 0 then return 0 end
+if #deleted == 0 then return {0, 0} end
 local whole = redis.call('HLEN', KEYS[5]) == #deleted
-for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[7], KEYS[8]}) do redis.call('SCARD', k) end
+local cluster = ARGV[#ARGV] == '1'
+local sets = cluster and {KEYS[7], KEYS[8]} or {KEYS[1], KEYS[2], KEYS[3], KEYS[7], KEYS[8]}
+for _, k in ipairs(sets) do redis.call('SCARD', k) end
 redis.call('ZCARD', KEYS[6])
 -- A deleted type's label sets go whole (UNLINK, which no key's type
 -- fails); a series' ids leave theirs (SREM), which are checked here.
@@ -75,12 +80,14 @@ end
 if whole then
   for j = 9, #KEYS, 1000 do redis.call('UNLINK', unpack(KEYS, j, math.min(j + 999, #KEYS))) end
 end
-redis.call('SADD', KEYS[2], name)
+if not cluster then redis.call('SADD', KEYS[2], name) end
 local version = tonumber(m[1]) + 1
 if whole then
   redis.call('SADD', KEYS[7], '*') -- the type-wide buckets
-  redis.call('SREM', KEYS[1], name)
-  redis.call('SREM', KEYS[3], name)
+  if not cluster then
+    redis.call('SREM', KEYS[1], name)
+    redis.call('SREM', KEYS[3], name)
+  end
   redis.call('UNLINK', KEYS[5], KEYS[6], KEYS[8])
   redis.call('HDEL', KEYS[4], 's', 'w')
   redis.call('HSET', KEYS[4], 'v', int(version), 'd', int(version), 'x', '1', 'g', '1')
@@ -88,4 +95,4 @@ else
   redis.call('HSET', KEYS[4], 'v', int(version), 'd', int((tonumber(m[4]) or 0) + count + 1), 'w', '1')
 end
 redis.call('PUBLISH', ARGV[a], ARGV[a + 1])
-return #deleted
+return {#deleted, whole and 1 or 0}

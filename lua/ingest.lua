@@ -24,7 +24,24 @@
 -- record. Then the live stream's channel and the message to publish on it
 -- once everything is written.
 --
--- An ingest with an Idempotency-Key (ARGV[7] is 1) has its record's key
+-- ARGV[7] is a sum of flags: 1 for an ingest with an Idempotency-Key, 2 on
+-- a Redis Cluster (below), 4 when the service has taken the MAX_TYPES room
+-- of the run's new types, 8 to check the run without writing it.
+--
+-- On a Redis Cluster the run is of one type and every key it touches is on
+-- the type's slot: the first two KEYS are the type's meta again, standing
+-- in for the sets the service writes itself (the set of type names, on a
+-- slot of their own, and the set of types to compact). A new type without
+-- its room (flag 4) is answered NEWTYPE, with the refusal it would get
+-- otherwise, if any; a run that noted buckets to compact returns 2.
+-- Redis refuses a script whose keys are half migrated to another node,
+-- and runs one whose keys are all there; but a key it did not declare
+-- that is gone fails the script where it is touched. So the writes that
+-- touch such keys, retention's deletes, come before every other write,
+-- and a failure there leaves only what retention deletes anyway deleted:
+-- the service tries again (cluster.go).
+--
+-- An ingest with an Idempotency-Key has its record's key
 -- last in KEYS, and the record (the request's 32-byte digest, then its
 -- answer) and its lifetime in ms last in ARGV. When the key holds a record
 -- already, the ingest writes nothing and returns the record, or refuses
@@ -46,7 +63,9 @@ end
 local nowUs = tonumber(ARGV[2])
 local maxTypes, maxSeries = tonumber(ARGV[3]), tonumber(ARGV[4])
 local ntypes, nidx = tonumber(ARGV[5]), tonumber(ARGV[6])
-local once = ARGV[7] == '1'
+local flags = tonumber(ARGV[7])
+local once = bit.band(flags, 1) ~= 0
+local cluster, registered, checkOnly = bit.band(flags, 2) ~= 0, bit.band(flags, 4) ~= 0, bit.band(flags, 8) ~= 0
 if once then
   local rec = redis.call('GET', KEYS[#KEYS])
   if rec then
@@ -260,8 +279,8 @@ local names = {}
 for _, ty in ipairs(types) do
   -- A written type is in the registry (both are written together); only
   -- the others need asking.
-  ty.member = ty.exists
-  if not ty.member then names[#names + 1] = ty end
+  ty.member = ty.exists or registered
+  if not ty.member and not cluster then names[#names + 1] = ty end
 end
 for j = 1, #names, 1000 do
   local ask = {}
@@ -276,25 +295,33 @@ local function tooOld(ty) return ty.keepUntil <= ty.anchor end
 local newTypes, firstNew = 0, nil
 for _, ty in ipairs(types) do
   if not ty.exists and tooOld(ty) then
-    return redis.error_reply('TOOOLD ' .. ty.name .. ' ' .. int(ty.anchor))
+    return redis.error_reply('TOOOLD ' .. ty.name .. ' ' .. int(ty.anchor) .. ' new')
   end
   if not ty.member then
     newTypes = newTypes + 1
     firstNew = firstNew or ty.name
   end
 end
-redis.call('SCARD', KEYS[2])
-if newTypes > 0 and redis.call('SCARD', KEYS[1]) + newTypes > maxTypes then
-  return redis.error_reply('TOOMANYTYPES ' .. firstNew)
+if not cluster then
+  redis.call('SCARD', KEYS[2])
+  if newTypes > 0 and redis.call('SCARD', KEYS[1]) + newTypes > maxTypes then
+    return redis.error_reply('TOOMANYTYPES ' .. firstNew)
+  end
 end
+local refusal
 for _, ty in ipairs(types) do
   if tooOld(ty) then
-    return redis.error_reply('TOOOLD ' .. ty.name .. ' ' .. int(ty.anchor))
+    refusal = 'TOOOLD ' .. ty.name .. ' ' .. int(ty.anchor)
+  elseif ty.overSeries then
+    refusal = 'TOOMANYSERIES ' .. ty.name .. ' ' .. ty.overSeries
   end
-  if ty.overSeries then
-    return redis.error_reply('TOOMANYSERIES ' .. ty.name .. ' ' .. ty.overSeries)
-  end
+  if refusal then break end
 end
+if newTypes > 0 and cluster then
+  return redis.error_reply('NEWTYPE ' .. firstNew .. (refusal and ' ' .. refusal or ''))
+end
+if refusal then return redis.error_reply(refusal) end
+if checkOnly then return 0 end
 
 -- Write phase.
 
@@ -322,7 +349,6 @@ local function apply(ty, un, b)
         table.insert(z.args, cs)
         table.insert(z.args, int(cs))
       end
-      un.created[b.ix] = (un.created[b.ix] or 0) + 1
     end
     if expire then table.insert(pending.expires, b) end
     return
@@ -356,13 +382,6 @@ end
 -- sweepBudget is how many chunks of buckets one ingest deletes at most.
 local sweepBudget = 32
 
-local fresh = {}
-for _, ty in ipairs(types) do
-  if not ty.member then fresh[#fresh + 1] = ty.name end
-end
-for j = 1, #fresh, 1000 do
-  redis.call('SADD', KEYS[1], unpack(fresh, j, math.min(j + 999, #fresh)))
-end
 -- sweep deletes the chunks of a unit's buckets that the anchor has
 -- passed. Each index drops more chunks than this ingest created in it, so
 -- a backlog only shrinks, and the whole script drops at most sweepBudget
@@ -420,6 +439,32 @@ local function trim(ty)
   return not ty.moreGone
 end
 
+local noted = false
+
+-- Retention's deletes come first (see the top), each type's within the
+-- budget; a sweep drops more chunks of an index than the ingest creates
+-- in it, counted here.
+for _, ty in ipairs(types) do
+  for _, un in ipairs(ty.units) do
+    for _, b in ipairs(un.buckets) do
+      if b.expiry > ty.anchor and not b.clen and b.ix > 0 then
+        un.created[b.ix] = (un.created[b.ix] or 0) + 1
+      end
+    end
+    un.done = sweep(ty, un)
+  end
+  -- Series run out of data as the anchor moves, when the type-wide
+  -- buckets are swept too.
+  ty.trimmed = not ty.units[1].sweep or trim(ty)
+end
+
+local fresh = {}
+for _, ty in ipairs(types) do
+  if not ty.member then fresh[#fresh + 1] = ty.name end
+end
+for j = 1, #fresh, 1000 do
+  redis.call('SADD', KEYS[1], unpack(fresh, j, math.min(j + 999, #fresh)))
+end
 for _, ty in ipairs(types) do
   local added, members, labelKeys, untils = {}, {}, {}, {}
   for u, un in ipairs(ty.units) do
@@ -439,7 +484,6 @@ for _, ty in ipairs(types) do
   end
   flush()
   for u, un in ipairs(ty.units) do
-    un.done = sweep(ty, un)
     -- A new series' s waits for its first sweep, at its next ingest.
     if u > 1 and un.sweep and un.done then
       redis.call('HSET', un.meta, 's', int(ty.anchor))
@@ -455,18 +499,15 @@ for _, ty in ipairs(types) do
   for j = 1, #untils, 1000 do
     redis.call('ZADD', ty.untilKey, 'GT', unpack(untils, j, math.min(j + 999, #untils)))
   end
-  -- Series run out of data as the anchor moves, when the type-wide
-  -- buckets are swept too.
-  local trimmed = not ty.units[1].sweep or trim(ty)
   -- The buckets grown past their last compaction, noted in one call.
   if ty.compact then
     for j = 1, #ty.compact, 1000 do
       redis.call('SADD', ty.compactKey, unpack(ty.compact, j, math.min(j + 999, #ty.compact)))
     end
-    redis.call('SADD', KEYS[2], ty.name)
+    if cluster then noted = true else redis.call('SADD', KEYS[2], ty.name) end
   end
   local meta = {'v', int(ty.version + ty.n), 'f', int(ty.first), 'n', int(ty.newest)}
-  if ty.units[1].sweep and ty.units[1].done and trimmed or not ty.exists then
+  if ty.units[1].sweep and ty.units[1].done and ty.trimmed or not ty.exists then
     meta[#meta + 1], meta[#meta + 2] = 's', int(ty.anchor)
   end
   redis.call('HSET', ty.meta, unpack(meta))
@@ -480,4 +521,4 @@ if once then
 end
 -- An ingest of no samples only records its key: nothing to publish.
 if ntypes > 0 then redis.call('PUBLISH', ARGV[a], ARGV[a + 1]) end
-return 1
+return noted and 2 or 1

@@ -16,8 +16,10 @@
 -- a deleted type's meta in ms, the budget (keys to read), the number of
 -- resolutions and per resolution its name, width and chunk span in
 -- seconds and 1 when it is kept forever; the number of remaining
--- series and their hashes, in the order of their ids. CHANGED when the
--- registry holds other series: the service reads them again.
+-- series and their hashes, in the order of their ids; 1 on a Redis
+-- Cluster, where KEYS[1] is the type's meta again, standing in for the set
+-- the service takes the type out of itself (clusterstore.go). CHANGED
+-- when the registry holds other series: the service reads them again.
 local name, tag = ARGV[1], ARGV[2]
 local ttl, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
 local a = 6
@@ -28,13 +30,15 @@ for i = 1, tonumber(ARGV[5]) do
 end
 local remaining = {}
 for i = 1, tonumber(ARGV[a]) do remaining[i] = ARGV[a + i] end
+local cluster = ARGV[a + #remaining + 1] == '1'
+local function finished()
+  if not cluster then redis.call('SREM', KEYS[1], name) end
+  return 1
+end
 
 local m = redis.call('HMGET', KEYS[2], 'f', 'n', 'x', 'g', 'w')
 local whole = m[3] ~= false
-if not (m[4] or m[5]) or not m[1] then
-  redis.call('SREM', KEYS[1], name)
-  return 1
-end
+if not (m[4] or m[5]) or not m[1] then return finished() end
 if whole then
   remaining = {}
 else
@@ -114,8 +118,7 @@ if not h then
     redis.call('HDEL', KEYS[2], 'w')
   end
   redis.call('UNLINK', KEYS[4])
-  redis.call('SREM', KEYS[1], name)
-  return 1
+  return finished()
 end
 local u = tag .. 's:' .. h .. ':'
 local um = u .. 'm' -- where the cursors are kept

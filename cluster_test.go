@@ -1,0 +1,460 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gomodule/redigo/redis"
+)
+
+// sharedCluster is the local Redis Cluster the store suite runs on as a
+// third store: three masters this binary started. Its addresses are empty
+// when redis-server or redis-cli is missing.
+var sharedCluster struct {
+	addrs []string
+}
+
+// redisCluster is a cluster of masters a test binary started and owns.
+type redisCluster struct {
+	nodes []*redisServer
+}
+
+func (c *redisCluster) addrs() []string {
+	var out []string
+	for _, n := range c.nodes {
+		out = append(out, n.addr)
+	}
+	return out
+}
+
+func (c *redisCluster) kill() {
+	for _, n := range c.nodes {
+		n.kill()
+	}
+}
+
+// startCluster starts masters redis-servers in cluster mode under dir and
+// joins them into one cluster, the slots split evenly, and waits until
+// every node says the cluster is ok.
+func startCluster(dir string, masters int) (*redisCluster, error) {
+	c := &redisCluster{}
+	for i := range masters {
+		d := filepath.Join(dir, fmt.Sprintf("node%d", i))
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, err
+		}
+		n, err := startRedisServer(d, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+			"--cluster-node-timeout", "2000", "--appendonly", "yes", "--appendfsync", "always")
+		if err != nil {
+			c.kill()
+			return nil, err
+		}
+		c.nodes = append(c.nodes, n)
+	}
+	args := append([]string{"--cluster", "create"}, c.addrs()...)
+	args = append(args, "--cluster-replicas", "0", "--cluster-yes")
+	if out, err := exec.Command("redis-cli", args...).CombinedOutput(); err != nil {
+		c.kill()
+		return nil, fmt.Errorf("redis-cli --cluster create: %v\n%s", err, out)
+	}
+	if err := c.waitOK(20 * time.Second); err != nil {
+		c.kill()
+		return nil, err
+	}
+	return c, nil
+}
+
+// waitOK waits until every node reports cluster_state:ok and the same
+// slots.
+func (c *redisCluster) waitOK(within time.Duration) error {
+	deadline := time.Now().Add(within)
+	for time.Now().Before(deadline) {
+		ok := true
+		var layout string
+		for _, n := range c.nodes {
+			conn, err := redis.Dial("tcp", n.addr, redis.DialConnectTimeout(200*time.Millisecond))
+			if err != nil {
+				ok = false
+				break
+			}
+			info, err1 := redis.String(conn.Do("CLUSTER", "INFO"))
+			slots, err2 := redis.Values(conn.Do("CLUSTER", "SLOTS"))
+			conn.Close()
+			t, err3 := parseSlots(slots, n.addr)
+			if err1 != nil || err2 != nil || err3 != nil || !strings.Contains(info, "cluster_state:ok") {
+				ok = false
+				break
+			}
+			l := fmt.Sprint(t.masters, t.owner)
+			if layout != "" && l != layout {
+				ok = false
+				break
+			}
+			layout = l
+		}
+		if ok {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond) // polling for the cluster to settle
+	}
+	return errors.New("the cluster did not settle")
+}
+
+// startSharedCluster starts the shared cluster when the tools are there;
+// it reports whether the tests may go on.
+func startSharedCluster(dir string) (stop func(), ok bool) {
+	if _, err := exec.LookPath("redis-cli"); err != nil {
+		if os.Getenv("REQUIRE_REDIS") == "1" {
+			fmt.Fprintln(os.Stderr, "REQUIRE_REDIS=1 but redis-cli, which makes the test cluster, is not on PATH")
+			return nil, false
+		}
+		return func() {}, true
+	}
+	c, err := startCluster(dir, 3)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "starting the test cluster:", err)
+		return nil, false
+	}
+	sharedCluster.addrs = c.addrs()
+	return c.kill, true
+}
+
+// needCluster skips a cluster test when no cluster could be started,
+// unless REQUIRE_REDIS=1 makes that a failure.
+func needCluster(t testing.TB) {
+	t.Helper()
+	if len(sharedCluster.addrs) == 0 {
+		if os.Getenv("REQUIRE_REDIS") == "1" {
+			t.Fatal("REQUIRE_REDIS=1 and no Redis Cluster is available")
+		}
+		t.Skip("no redis-server and redis-cli on PATH: cluster half skipped")
+	}
+}
+
+// clusterStoreEnv is the cluster half of forEachStore: a backend on the
+// shared cluster under a prefix of its own.
+func clusterStoreEnv(t *testing.T, mutate func(*config)) storeEnv {
+	t.Helper()
+	needCluster(t)
+	cfg := testConfig(t)
+	cfg.RedisCluster = sharedCluster.addrs
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	return sharedStoreEnv(t, "cluster", cfg)
+}
+
+func TestKeySlot(t *testing.T) {
+	needCluster(t)
+	c, err := redis.Dial("tcp", sharedCluster.addrs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	keys := []string{"", "a", "foo", "123456789", "{user1000}.following", "x{}y", "{}{a}", "a{b", "{a}}b", "p{cpu}:m", "{é}"}
+	for i := range 200 {
+		keys = append(keys, strconv.Itoa(i*7919)+"{t"+strconv.Itoa(i%13)+"}")
+	}
+	for _, k := range keys {
+		want, err := redis.Int(c.Do("CLUSTER", "KEYSLOT", k))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := keySlot(k); got != want {
+			t.Errorf("keySlot(%q) = %d, Redis says %d", k, got, want)
+		}
+	}
+}
+
+// ownCluster starts a cluster of three masters for one test, which may
+// kill its nodes; it is stopped after the test.
+func ownCluster(t *testing.T) *redisCluster {
+	t.Helper()
+	needCluster(t)
+	c, err := startCluster(t.TempDir(), 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.kill)
+	return c
+}
+
+// layout is the cluster's slot table as its first live node says it.
+func (c *redisCluster) layout(t *testing.T) *slotTable {
+	t.Helper()
+	for _, n := range c.nodes {
+		conn, err := redis.Dial("tcp", n.addr, redis.DialConnectTimeout(200*time.Millisecond))
+		if err != nil {
+			continue
+		}
+		reply, err := redis.Values(conn.Do("CLUSTER", "SLOTS"))
+		conn.Close()
+		if err == nil {
+			if st, err := parseSlots(reply, n.addr); err == nil {
+				return st
+			}
+		}
+	}
+	t.Fatal("no node of the cluster answers CLUSTER SLOTS")
+	return nil
+}
+
+// typeOn is a metric type name whose keys under prefix are on the slot
+// for which want says yes.
+func typeOn(prefix, stem string, want func(slot int) bool) string {
+	for i := 0; ; i++ {
+		name := stem + strconv.Itoa(i)
+		if want(keySlot(keys{prefix: prefix}.meta(name))) {
+			return name
+		}
+	}
+}
+
+// TestClusterNodeDown posts a batch of three types, one on each master,
+// while one master is down: the 503 names the two types stored, which are
+// readable; the same request with its Idempotency-Key, once the node is
+// back, stores the third type and only that, and a third time is a replay.
+// Every type then counts its samples once.
+func TestClusterNodeDown(t *testing.T) {
+	c := ownCluster(t)
+	cfg := testConfig(t)
+	cfg.RedisCluster = c.addrs()
+	prefix := testPrefix()
+	pool := testPool(t, cfg, prefix)
+	clock := newFakeClock(storeEpoch)
+	b := newRedisBackend(pool, prefix, cfg, clock.now)
+	rs := b.store.(*redisStore)
+	base := serve(t, cfg, b)
+
+	st := c.layout(t)
+	var names []string
+	for _, addr := range st.masters {
+		names = append(names, typeOn(prefix, "t", func(slot int) bool { return st.master(slot) == addr }))
+	}
+	down := c.nodes[slices.IndexFunc(c.nodes, func(n *redisServer) bool { return n.addr == st.master(keySlot(keys{prefix: prefix}.meta(names[2]))) })]
+	var items []string
+	for i, name := range names {
+		for j := range 3 {
+			items = append(items, fmt.Sprintf(`{"type":%q,"value":%d,"timestamp":"2025-01-01T10:00:0%dZ","labels":{"host":"h%d"}}`, name, i+1, j, j))
+		}
+	}
+	body := "[" + strings.Join(items, ",") + "]"
+	idem := func() response {
+		return sendWith(t, "POST", base+"/api/metrics", body, "Content-Type", "application/json", "Idempotency-Key", "batch-1")
+	}
+	countOf := func(name string) float64 {
+		t.Helper()
+		r := get(t, base+"/api/metrics/summary?metric_type="+name)
+		if r.status != 200 {
+			t.Fatalf("summary of %s: %d %s", name, r.status, r.body)
+		}
+		return r.json(t)["count"].(float64)
+	}
+	counts := func(want float64, when string, names ...string) {
+		t.Helper()
+		for _, name := range names {
+			if n := countOf(name); n != want {
+				t.Fatalf("%s counts %v %s, want %v", name, n, when, want)
+			}
+		}
+	}
+	restart := func() {
+		t.Helper()
+		down.restart(t)
+		if err := c.waitOK(20 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Written once with the node up, so the client knows the layout.
+	if r := post(t, base, metricBody(names[2], sampleTime, 1)); r.status != 201 {
+		t.Fatalf("warm-up: %d %s", r.status, r.body)
+	}
+
+	// Down before the batch: its check fails, and nothing is stored.
+	down.kill()
+	if r := idem(); r.status != 503 || strings.Contains(r.body, "stored") {
+		t.Fatalf("with a master down: %d %s, want 503 storing nothing", r.status, r.body)
+	}
+	counts(0, "after a 503 that stored nothing", names...)
+	restart()
+
+	// Down between the check and the writes.
+	rs.checked = func() { down.kill() }
+	r := idem()
+	rs.checked = nil
+	if r.status != 503 || r.header.Get("Retry-After") == "" {
+		t.Fatalf("with a master failing mid-batch: %d %s, want 503 with Retry-After", r.status, r.body)
+	}
+	var got struct {
+		Detail string   `json:"detail"`
+		Stored []string `json:"stored"`
+	}
+	if err := json.Unmarshal([]byte(r.body), &got); err != nil || got.Detail == "" {
+		t.Fatalf("503 body %s: %v", r.body, err)
+	}
+	if want := slices.Sorted(slices.Values(names[:2])); !slices.Equal(got.Stored, want) {
+		t.Fatalf("stored %v, want %v", got.Stored, want)
+	}
+	counts(3, "after a 503 that names it stored", names[:2]...)
+
+	restart()
+	if r := idem(); r.status != 201 || r.header.Get("Idempotent-Replayed") != "" {
+		t.Fatalf("retry after the node is back: %d %v %s, want a 201 that is no replay", r.status, r.header, r.body)
+	}
+	if r := idem(); r.status != 201 || r.header.Get("Idempotent-Replayed") != "true" {
+		t.Fatalf("a repeat of the completed batch: %d %v %s, want its replay", r.status, r.header, r.body)
+	}
+	counts(3, "once the batch is complete", names[:2]...)
+	counts(4, "once the batch is complete (with the warm-up's)", names[2])
+	// Another request under the key is refused.
+	other := sendWith(t, "POST", base+"/api/metrics", metricBody(names[0], sampleTime, 9), "Content-Type", "application/json", "Idempotency-Key", "batch-1")
+	if other.status != 422 {
+		t.Fatalf("another body under the key: %d %s, want 422", other.status, other.body)
+	}
+}
+
+// TestClusterReshardUnderLoad moves the slot of a busy type to another
+// master with redis-cli --cluster reshard while two instances write to
+// it and read it: every write is acknowledged and every read answered,
+// the client following MOVED and ASK and waiting out TRYAGAIN, and the
+// type counts every acknowledged sample once.
+func TestClusterReshardUnderLoad(t *testing.T) {
+	c := ownCluster(t)
+	cfg := testConfig(t)
+	cfg.RedisCluster = c.addrs()
+	prefix := testPrefix()
+	clock := newFakeClock(storeEpoch)
+	poolB := newRedisPool(cfg, nil)
+	t.Cleanup(func() { poolB.Close() })
+	bases := []string{
+		serve(t, cfg, newRedisBackend(testPool(t, cfg, prefix), prefix, cfg, clock.now)),
+		serve(t, cfg, newRedisBackend(poolB, prefix, cfg, clock.now)),
+	}
+
+	// The type on the first slot of a master, which is what reshard moves
+	// first.
+	st := c.layout(t)
+	from := st.master(0)
+	busy := typeOn(prefix, "busy", func(slot int) bool { return slot == 0 })
+	var to string
+	for _, m := range st.masters {
+		if m != from {
+			to = m
+			break
+		}
+	}
+	ids := map[string]string{}
+	for _, n := range c.nodes {
+		conn, err := redis.Dial("tcp", n.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[n.addr], err = redis.String(conn.Do("CLUSTER", "MYID"))
+		conn.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// Ten minutes of two hosts: a few thousand keys on the slot.
+	start := sampleTime
+	prefilled := 0
+	for chunk := 0; chunk < 600; chunk += 200 {
+		var items []string
+		for s := chunk; s < chunk+200; s++ {
+			for h := range 2 {
+				items = append(items, fmt.Sprintf(`{"type":%q,"value":%d,"timestamp":%q,"labels":{"host":"h%d"}}`, busy, s%7, start.Add(time.Duration(s)*time.Second).Format(time.RFC3339), h))
+			}
+		}
+		if r := post(t, bases[0], "["+strings.Join(items, ",")+"]"); r.status != 201 {
+			t.Fatalf("prefill: %d %s", r.status, r.body)
+		}
+		prefilled += len(items)
+	}
+
+	var stored, reads, during atomic.Int64
+	var resharding atomic.Bool
+	failures := make(chan string, 100)
+	fail := func(f string) { // the first hundred are kept
+		select {
+		case failures <- f:
+		default:
+		}
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				base := bases[(w+i)%2]
+				if i%3 == 2 {
+					res, err := http.Get(base + "/api/metrics/summary?metric_type=" + busy)
+					if err != nil || res.StatusCode != 200 {
+						fail(fmt.Sprintf("read: %v %v", err, res))
+					}
+					if res != nil {
+						io.Copy(io.Discard, res.Body)
+						res.Body.Close()
+					}
+					reads.Add(1)
+					continue
+				}
+				// Into old buckets and new ones alike.
+				at := start.Add(time.Duration((w*7919+i*31)%900) * time.Second).Format(time.RFC3339)
+				r, err := tryPost(base, fmt.Sprintf(`{"type":%q,"value":1,"timestamp":%q,"labels":{"host":"h%d"}}`, busy, at, i%3))
+				if err != nil || r.status != 201 {
+					fail(fmt.Sprintf("write: %v %d %s", err, r.status, r.body))
+					continue
+				}
+				stored.Add(1)
+				if resharding.Load() {
+					during.Add(1)
+				}
+			}
+		})
+	}
+	time.Sleep(200 * time.Millisecond) // load before the move
+	resharding.Store(true)
+	out, err := exec.Command("redis-cli", "--cluster", "reshard", from, "--cluster-from", ids[from], "--cluster-to", ids[to],
+		"--cluster-slots", "1", "--cluster-yes", "--cluster-pipeline", "10").CombinedOutput()
+	resharding.Store(false)
+	time.Sleep(200 * time.Millisecond) // load after the move
+	close(stop)
+	wg.Wait()
+	close(failures)
+	if err != nil {
+		t.Fatalf("reshard: %v\n%s", err, out)
+	}
+	for f := range failures {
+		t.Error(f)
+	}
+	if now := c.layout(t).master(0); now != to {
+		t.Fatalf("slot 0 is on %s after the reshard, want %s", now, to)
+	}
+	if during.Load() == 0 {
+		t.Fatal("no write was acknowledged while the slot moved")
+	}
+	r := get(t, bases[1]+"/api/metrics/summary?metric_type="+busy)
+	if got, want := r.json(t)["count"], float64(prefilled)+float64(stored.Load()); got != want {
+		t.Fatalf("%s counts %v, want %v (%d prefilled, %d acknowledged under load)", busy, got, want, prefilled, stored.Load())
+	}
+	t.Logf("%d writes (%d while the slot moved) and %d reads under load", stored.Load(), during.Load(), reads.Load())
+}
