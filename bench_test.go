@@ -163,6 +163,61 @@ func BenchmarkHTTP(b *testing.B) {
 	}
 }
 
+// BenchmarkClusterHTTP puts two service instances on one Redis, then on a
+// Redis Cluster of three masters, in the same run, and drives both
+// instances at once (the connections split between them) against a bare
+// handler: the ratio of their combined throughput to the bare handler's,
+// and the CPU Redis spent per request, all masters added up.
+//
+//	go test -run '^$' -bench ClusterHTTP -benchtime=1x
+func BenchmarkClusterHTTP(b *testing.B) {
+	wrk, secs, bin, bare := wrkSetup(b)
+	for _, sc := range benchScenarios {
+		if !slices.Contains([]string{"ingest", "summary-hit", "mix", "batch-1000"}, sc.name) {
+			continue
+		}
+		// cluster-1 is one master in cluster mode: what cluster mode itself
+		// costs Redis, apart from spreading the keys.
+		for _, store := range []string{"redis", "cluster-1", "cluster"} {
+			b.Run(sc.name+"/"+store, func(b *testing.B) {
+				env := map[string]string{"STORE": "redis", "RATE_LIMIT": "1000000000", "LOG_LEVEL": "warn"}
+				var addrs []string
+				if store == "redis" {
+					addrs = []string{startRedis(b).addr}
+					env["REDIS_URL"] = "redis://" + addrs[0] + "/0"
+				} else {
+					needCluster(b)
+					masters := map[string]int{"cluster-1": 1, "cluster": 3}[store]
+					c, err := startCluster(b.TempDir(), masters)
+					if err != nil {
+						b.Fatal(err)
+					}
+					b.Cleanup(c.kill)
+					addrs = c.addrs()
+					env["REDIS_CLUSTER"] = strings.Join(addrs, ",")
+				}
+				svcs := []service{startService(b, bin, env), startService(b, bin, env)}
+				script := writeScript(b, sc.script)
+				seed(b, svcs[0].base)
+				bareRate, _ := runWrk(b, wrk, bare+sc.path, script, secs)
+				cpu := func() (s float64) {
+					for _, a := range addrs {
+						s += redisCPUSeconds(b, a)
+					}
+					return s
+				}
+				cpu0 := cpu()
+				rate, failed, p99 := runWrkSplit(b, wrk, []string{svcs[0].base + sc.path, svcs[1].base + sc.path}, script, secs)
+				b.ReportMetric((cpu()-cpu0)*1e6/(rate*float64(secs)/(1-failed)), "redis-cpu-us/req")
+				b.ReportMetric(p99, "p99-ms")
+				b.ReportMetric(rate/bareRate, "ratio")
+				b.ReportMetric(rate, "req/s")
+				b.ReportMetric(failed, "failed-share")
+			})
+		}
+	}
+}
+
 // BenchmarkLogging measures the cost of the access log: GET /health with
 // LOG_LEVEL=info (one line a request) against LOG_LEVEL=warn (none).
 func BenchmarkLogging(b *testing.B) {
@@ -523,36 +578,54 @@ func runWrk(b *testing.B, wrk, url, script string, secs int) (rate, failed float
 // runWrkLatency is runWrk that also reads wrk's 99th percentile latency, in
 // milliseconds. BENCH_CONNS sets the connections (default 64).
 func runWrkLatency(b *testing.B, wrk, url, script string, secs int) (rate, failed, p99 float64) {
-	conns := "64"
-	if c := os.Getenv("BENCH_CONNS"); c != "" {
+	return runWrkSplit(b, wrk, []string{url}, script, secs)
+}
+
+// runWrkSplit drives every url at once, the connections shared out among
+// them, and adds up their answers: the rate of 2xx answers, the share of
+// others, and the highest 99th percentile.
+func runWrkSplit(b *testing.B, wrk string, urls []string, script string, secs int) (rate, failed, p99 float64) {
+	conns := 64
+	if c, err := strconv.Atoi(os.Getenv("BENCH_CONNS")); err == nil && c > 0 {
 		conns = c
 	}
-	args := []string{"-t2", "-c" + conns, "-d" + strconv.Itoa(secs) + "s", "--latency"}
-	if script != "" {
-		args = append(args, "-s", script)
+	outs := make([][]byte, len(urls))
+	errs := make([]error, len(urls))
+	var wg sync.WaitGroup
+	for i, url := range urls {
+		args := []string{"-t2", "-c" + strconv.Itoa(max(1, conns/len(urls))), "-d" + strconv.Itoa(secs) + "s", "--latency"}
+		if script != "" {
+			args = append(args, "-s", script)
+		}
+		wg.Go(func() { outs[i], errs[i] = exec.Command(wrk, append(args, url)...).CombinedOutput() })
 	}
-	out, err := exec.Command(wrk, append(args, url)...).CombinedOutput()
-	if err != nil {
-		b.Fatalf("wrk: %v\n%s", err, out)
+	wg.Wait()
+	var total, bad float64
+	for i, out := range outs {
+		if errs[i] != nil {
+			b.Fatalf("wrk: %v\n%s", errs[i], out)
+		}
+		m := wrkTotal.FindSubmatch(out)
+		if m == nil {
+			b.Fatalf("no request count in wrk output:\n%s", out)
+		}
+		n, _ := strconv.ParseFloat(string(m[1]), 64)
+		elapsed, _ := strconv.ParseFloat(string(m[2]), 64)
+		if string(m[3]) == "ms" {
+			elapsed /= 1000
+		}
+		var nbad float64
+		if f := wrkFailed.FindSubmatch(out); f != nil {
+			nbad, _ = strconv.ParseFloat(string(f[1]), 64)
+		}
+		if l := wrkP99.FindSubmatch(out); l != nil {
+			v, _ := strconv.ParseFloat(string(l[1]), 64)
+			p99 = max(p99, v*map[string]float64{"us": 0.001, "ms": 1, "s": 1000}[string(l[2])])
+		}
+		rate += (n - nbad) / elapsed
+		total, bad = total+n, bad+nbad
 	}
-	m := wrkTotal.FindSubmatch(out)
-	if m == nil {
-		b.Fatalf("no request count in wrk output:\n%s", out)
-	}
-	total, _ := strconv.ParseFloat(string(m[1]), 64)
-	elapsed, _ := strconv.ParseFloat(string(m[2]), 64)
-	if string(m[3]) == "ms" {
-		elapsed /= 1000
-	}
-	var bad float64
-	if f := wrkFailed.FindSubmatch(out); f != nil {
-		bad, _ = strconv.ParseFloat(string(f[1]), 64)
-	}
-	if l := wrkP99.FindSubmatch(out); l != nil {
-		p99, _ = strconv.ParseFloat(string(l[1]), 64)
-		p99 *= map[string]float64{"us": 0.001, "ms": 1, "s": 1000}[string(l[2])]
-	}
-	return (total - bad) / elapsed, bad / total, p99
+	return rate, bad / total, p99
 }
 
 // redisCPUSeconds is the CPU time Redis at addr has used, user and system.

@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -49,15 +51,15 @@ func (c *redisCluster) kill() {
 // startCluster starts masters redis-servers in cluster mode under dir and
 // joins them into one cluster, the slots split evenly, and waits until
 // every node says the cluster is ok.
-func startCluster(dir string, masters int) (*redisCluster, error) {
+func startCluster(dir string, masters int, extra ...string) (*redisCluster, error) {
 	c := &redisCluster{}
 	for i := range masters {
 		d := filepath.Join(dir, fmt.Sprintf("node%d", i))
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, err
 		}
-		n, err := startRedisServer(d, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-			"--cluster-node-timeout", "2000", "--appendonly", "yes", "--appendfsync", "always")
+		n, err := startRedisServer(d, append([]string{"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+			"--cluster-node-timeout", "2000"}, extra...)...)
 		if err != nil {
 			c.kill()
 			return nil, err
@@ -66,9 +68,13 @@ func startCluster(dir string, masters int) (*redisCluster, error) {
 	}
 	args := append([]string{"--cluster", "create"}, c.addrs()...)
 	args = append(args, "--cluster-replicas", "0", "--cluster-yes")
+	if masters == 1 { // redis-cli creates clusters of three masters or more
+		_, port, _ := net.SplitHostPort(c.nodes[0].addr)
+		args = []string{"-p", port, "CLUSTER", "ADDSLOTSRANGE", "0", strconv.Itoa(clusterSlots - 1)}
+	}
 	if out, err := exec.Command("redis-cli", args...).CombinedOutput(); err != nil {
 		c.kill()
-		return nil, fmt.Errorf("redis-cli --cluster create: %v\n%s", err, out)
+		return nil, fmt.Errorf("redis-cli %v: %v\n%s", args, err, out)
 	}
 	if err := c.waitOK(20 * time.Second); err != nil {
 		c.kill()
@@ -180,11 +186,12 @@ func TestKeySlot(t *testing.T) {
 }
 
 // ownCluster starts a cluster of three masters for one test, which may
-// kill its nodes; it is stopped after the test.
-func ownCluster(t *testing.T) *redisCluster {
+// kill its nodes; it is stopped after the test. extra is given to each
+// redis-server.
+func ownCluster(t testing.TB, extra ...string) *redisCluster {
 	t.Helper()
 	needCluster(t)
-	c, err := startCluster(t.TempDir(), 3)
+	c, err := startCluster(t.TempDir(), 3, extra...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -229,7 +236,9 @@ func typeOn(prefix, stem string, want func(slot int) bool) string {
 // back, stores the third type and only that, and a third time is a replay.
 // Every type then counts its samples once.
 func TestClusterNodeDown(t *testing.T) {
-	c := ownCluster(t)
+	// Each write on disk before it is answered: a node restarted holds
+	// what it acknowledged.
+	c := ownCluster(t, "--appendonly", "yes", "--appendfsync", "always")
 	cfg := testConfig(t)
 	cfg.RedisCluster = c.addrs()
 	prefix := testPrefix()
@@ -457,4 +466,107 @@ func TestClusterReshardUnderLoad(t *testing.T) {
 		t.Fatalf("%s counts %v, want %v (%d prefilled, %d acknowledged under load)", busy, got, want, prefilled, stored.Load())
 	}
 	t.Logf("%d writes (%d while the slot moved) and %d reads under load", stored.Load(), during.Load(), reads.Load())
+}
+
+// TestClusterScriptFailingMidMigration: while a type's slot is migrating,
+// Redis runs a script whose declared keys are all there, and fails it
+// where it touches a key it did not declare that is gone. The ingest
+// script touches such keys (retention's deletes of a series' old seconds)
+// before any other write, so the failure stores nothing: the ingest is
+// tried again until its deadline and answered 503, the type's count
+// unchanged, and stored once the slot is stable again.
+func TestClusterScriptFailingMidMigration(t *testing.T) {
+	c := ownCluster(t)
+	cfg := testConfig(t)
+	cfg.RedisCluster = c.addrs()
+	cfg.RedisTimeout = 300 * time.Millisecond
+	prefix := testPrefix()
+	pool := testPool(t, cfg, prefix)
+	clock := newFakeClock(storeEpoch)
+	base := serve(t, cfg, newRedisBackend(pool, prefix, cfg, clock.now))
+	k := keys{prefix: prefix}
+	at := func(s int) string { return sampleTime.Add(time.Duration(s) * time.Second).Format(time.RFC3339) }
+	sample := func(host string, s int) string {
+		return fmt.Sprintf(`{"type":"mig","value":1,"timestamp":%q,"labels":{"host":%q}}`, at(s), host)
+	}
+	var items []string
+	for s := 0; s < 120; s += 2 { // every other second: half the names a sweep deletes are absent
+		items = append(items, sample("a", s))
+	}
+	for _, body := range []string{"[" + strings.Join(items, ",") + "]", sample("a", 3700), sample("b", 3790)} {
+		if r := post(t, base, body); r.status != 201 {
+			t.Fatalf("%s: %d %s", body[:40], r.status, r.body)
+		}
+	}
+	// Host a's sweep of its second minute is now due, at its next ingest.
+	// Every key the script declares must exist for Redis to run it while
+	// the slot migrates: the set of buckets to merge too.
+	slot := keySlot(k.meta("mig"))
+	st := c.layout(t)
+	src := st.master(slot)
+	var dst string
+	ids := map[string]string{}
+	conns := map[string]redis.Conn{}
+	for _, n := range c.nodes {
+		conn, err := redis.Dial("tcp", n.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conns[n.addr] = conn
+		ids[n.addr], _ = redis.String(conn.Do("CLUSTER", "MYID"))
+		if n.addr != src {
+			dst = n.addr
+		}
+	}
+	count := func() float64 {
+		t.Helper()
+		r := get(t, base+"/api/metrics/summary?metric_type=mig")
+		if r.status != 200 {
+			t.Fatalf("summary: %d %s", r.status, r.body)
+		}
+		return r.json(t)["count"].(float64)
+	}
+	before := count()
+	if _, err := conns[src].Do("SADD", k.compactBuckets("mig"), "placeholder"); err != nil {
+		t.Fatal(err)
+	}
+	for _, step := range [][]any{
+		{dst, "IMPORTING", ids[src]},
+		{src, "MIGRATING", ids[dst]},
+	} {
+		if _, err := conns[step[0].(string)].Do("CLUSTER", "SETSLOT", slot, step[1], step[2]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	total := func() []byte { // the type's running total, as stored
+		t.Helper()
+		v, err := redis.Bytes(conns[src].Do("GET", k.bucket("mig", resAll, 0)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	stored := total()
+	r := post(t, base, sample("a", 3700))
+	if !bytes.Equal(total(), stored) {
+		t.Fatal("the running total changed under a 503: the failed script wrote")
+	}
+	for _, addr := range []string{src, dst} {
+		if _, err := conns[addr].Do("CLUSTER", "SETSLOT", slot, "STABLE"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r.status != 503 {
+		t.Fatalf("an ingest whose sweep meets a key gone mid-migration: %d %s, want 503", r.status, r.body)
+	}
+	if after := count(); after != before {
+		t.Fatalf("count %v after the 503, was %v: the failed script wrote", after, before)
+	}
+	if r := post(t, base, sample("a", 3700)); r.status != 201 {
+		t.Fatalf("once the slot is stable: %d %s", r.status, r.body)
+	}
+	if after := count(); after != before+1 {
+		t.Fatalf("count %v, want %v", after, before+1)
+	}
 }

@@ -55,8 +55,7 @@ func (e *partlyStoredError) Error() string {
 func (e *partlyStoredError) Unwrap() error { return e.err }
 
 // addCluster is addOnce on a Redis Cluster.
-func (s *redisStore) addCluster(ctx context.Context, batches []typeBatch, now time.Time, o *onceKey) error {
-	start := time.Now()
+func (s *redisStore) addCluster(ctx context.Context, batches []typeBatch, now time.Time, o *onceKey, start time.Time) error {
 	if o != nil {
 		rec, err := s.onceRecord(ctx, o)
 		if err != nil || rec != nil {
@@ -83,7 +82,8 @@ func (s *redisStore) addCluster(ctx context.Context, batches []typeBatch, now ti
 		for i := range extra {
 			extra[i] = ingestCheckOnly
 		}
-		results := s.runParts(ctx, calls, extra, start)
+		// A check writes nothing: it need not wait past REDIS_TIMEOUT.
+		results := s.runParts(ctx, calls, extra, start, s.pool.timeout)
 		fresh, err := s.judge(ctx, names, results, ingests)
 		if err != nil {
 			return err
@@ -98,13 +98,16 @@ func (s *redisStore) addCluster(ctx context.Context, batches []typeBatch, now ti
 		if s.checked != nil {
 			s.checked()
 		}
+		// The writes have a fence of their own, as a run of its own would.
+		start = time.Now()
 	}
-	results := s.runParts(ctx, calls, skip(extra, replayed), start)
+	wait := s.pool.timeout + ingestGrace
+	results := s.runParts(ctx, calls, skip(extra, replayed), start, wait)
 	if len(calls) == 1 && newTypeRefusal(results[0].err) {
 		if _, err := s.judge(ctx, names, results, ingests); err != nil {
 			return err
 		}
-		results = s.runParts(ctx, calls, []int{ingestRegistered}, start)
+		results = s.runParts(ctx, calls, []int{ingestRegistered}, time.Now(), wait)
 	}
 	var stored, noted []string
 	var failed error
@@ -176,21 +179,18 @@ func skip(extra []int, done []bool) []int {
 // runParts sends each call (one type's run) with its extra flags, or not
 // when they are -1, the runs of one node in one write and the nodes side
 // by side, and returns their answers. As on a single Redis the runs take
-// pooled connections, and the fence and the wait count from start.
-func (s *redisStore) runParts(ctx context.Context, calls []*ingestCall, extra []int, start time.Time) []partResult {
+// pooled connections, and the fence (half of REDIS_TIMEOUT) and the wait
+// for the answers count from start.
+func (s *redisStore) runParts(ctx context.Context, calls []*ingestCall, extra []int, start time.Time, wait time.Duration) []partResult {
 	cl := s.pool.cluster
 	fence := start.Add(s.pool.timeout / 2)
-	c := &clusterConn{cl: cl, ctx: ctx, deadline: start.Add(s.pool.timeout + ingestGrace), pooled: true}
+	c := &clusterConn{cl: cl, ctx: ctx, deadline: start.Add(wait), pooled: true}
 	results := make([]partResult, len(calls))
 	send := func(i int, cmd, body string) {
 		call := calls[i]
 		args := slices.Clone(call.args)
 		args[6] = call.args[6].(int) | extra[i]
-		// The fence is on the clock of the node the run goes to.
-		args[0] = fence.UnixMicro()
-		if addr, err := cl.route(ctx, call.keys[0]); err == nil {
-			args[0] = cl.node(addr).redisMicros(fence)
-		}
+		args[0] = s.fenceFor(ctx, call.keys[0], fence)
 		line := make([]any, 0, 2+len(call.keys)+len(args))
 		line = append(line, body, len(call.keys))
 		for _, k := range call.keys {
@@ -326,6 +326,17 @@ func (s *redisStore) noteCompact(ctx context.Context, names []string) {
 		_, err := do(c, deadline, "SADD", args...)
 		return err
 	})
+}
+
+// fenceFor is fence on the clock of the Redis that holds key: on a cluster,
+// of the node its slot is on.
+func (s *redisStore) fenceFor(ctx context.Context, key string, fence time.Time) int64 {
+	if cl := s.pool.cluster; cl != nil {
+		if addr, err := cl.route(ctx, key); err == nil {
+			return cl.node(addr).redisMicros(fence)
+		}
+	}
+	return s.pool.redisMicros(fence)
 }
 
 // onceRecord is the record of o's key for the whole request, or nil; a

@@ -76,12 +76,13 @@ func (s *redisStore) add(ctx context.Context, batches []typeBatch, now time.Time
 // Such an ingest runs alone: its record decides whether it is applied at
 // all, which no other ingest's run should depend on.
 func (s *redisStore) addOnce(ctx context.Context, batches []typeBatch, now time.Time, o *onceKey) error {
-	if s.cluster {
-		return s.addCluster(ctx, batches, now, o)
-	}
 	in := &queuedIngest{ctx: ctx, batches: batches, once: o, now: now, arrived: time.Now()}
 	for _, b := range batches {
 		in.samples += b.samples
+	}
+	// On a cluster a run is of one type: an ingest of several runs alone.
+	if s.cluster && len(batches) != 1 {
+		return s.addCluster(ctx, batches, now, o, in.arrived)
 	}
 	var err error
 	if in.samples > maxGroupedSamples || !s.grouped || o != nil {
@@ -140,10 +141,37 @@ func (s *redisStore) drain() {
 		group := slices.Clone(q.waiting[:n])
 		q.waiting = slices.Delete(q.waiting, 0, n)
 		q.mu.Unlock()
-		for i, err := range s.commit(group) {
+		for i, err := range s.commitEach(group) {
 			group[i].done <- err
 		}
 	}
+}
+
+// commitEach is commit, one run per type on a cluster, side by side: a
+// run there is of one type's keys, and each ingest in a group holds one.
+func (s *redisStore) commitEach(group []*queuedIngest) []error {
+	if !s.cluster {
+		return s.commit(group)
+	}
+	errs := make([]error, len(group))
+	byType := map[string][]int{}
+	for i, in := range group {
+		byType[in.batches[0].typ] = append(byType[in.batches[0].typ], i)
+	}
+	var wg sync.WaitGroup
+	for _, idx := range byType {
+		wg.Go(func() {
+			part := make([]*queuedIngest, len(idx))
+			for k, i := range idx {
+				part[k] = group[i]
+			}
+			for k, err := range s.commit(part) {
+				errs[idx[k]] = err
+			}
+		})
+	}
+	wg.Wait()
+	return errs
 }
 
 // commit applies a group, in order, and returns each ingest's answer.
@@ -172,7 +200,12 @@ func (s *redisStore) commit(group []*queuedIngest) (errs []error) {
 	}
 	if len(live) == 1 {
 		in := group[live[0]]
-		_, errs[live[0]] = s.apply(in.ctx, [][]typeBatch{in.batches}, in.once, in.now, in.arrived)
+		if s.cluster {
+			// Alone, a new type's first write takes its room first.
+			errs[live[0]] = s.addCluster(in.ctx, in.batches, in.now, in.once, in.arrived)
+		} else {
+			_, errs[live[0]] = s.apply(in.ctx, [][]typeBatch{in.batches}, in.once, in.now, in.arrived)
+		}
 		s.observeRun(1)
 	}
 	if len(live) < 2 {

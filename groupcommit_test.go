@@ -22,7 +22,7 @@ func queued(ctx context.Context, h retention, now time.Time, samples ...sample) 
 // settleGroup applies a group as add does, the ingests that are to run
 // again alone run one after the other, in arrival order.
 func settleGroup(rs *redisStore, group []*queuedIngest) []error {
-	errs := rs.commit(group)
+	errs := rs.commitEach(group)
 	for i, in := range group {
 		errs[i] = rs.settle(in, errs[i])
 	}
@@ -46,9 +46,11 @@ func groupWindows(rng *rand.Rand, span int64) []window {
 // of several types with and without labels, each group in one run of the
 // script, and the same ingests one by one to the memory store: every
 // window, of the type and of each host, agrees to the bit, and with a
-// recomputation from the raw samples.
-func TestRedisGroupMatchesOneByOne(t *testing.T) {
-	cfg := testConfig(t)
+// recomputation from the raw samples. On a cluster, where a run is one
+// type's, each ingest holds one type, and a group is a run per type.
+func TestRedisGroupMatchesOneByOne(t *testing.T) { onEachRedis(t, testGroupMatchesOneByOne) }
+
+func testGroupMatchesOneByOne(t *testing.T, cfg config) {
 	cfg.Retention = retention{} // everything kept: every window is answerable
 	clock := newFakeClock(testEpoch.Add(10 * 24 * time.Hour))
 	mem, rb, _ := comparedStores(t, cfg, clock)
@@ -63,8 +65,12 @@ func TestRedisGroupMatchesOneByOne(t *testing.T) {
 	var ingests [][]sample
 	for range 400 {
 		var in []sample
+		one := types[rng.IntN(len(types))]
 		for range 1 + rng.IntN(6) {
 			typ, host := types[rng.IntN(len(types))], hosts[rng.IntN(len(hosts))]
+			if len(cfg.RedisCluster) > 0 {
+				typ = one
+			}
 			id := ""
 			if host != "" {
 				id = seriesID([]label{{"host", host}})

@@ -198,7 +198,7 @@ func newRedisBackend(pool *redisPool, prefix string, cfg config, now func() time
 	k := keys{prefix: prefix}
 	s := newRedisStore(pool, k, cfg.Retention, cfg.MaxTypes, cfg.MaxSeries)
 	s.cluster = pool.cluster != nil
-	s.grouped = cfg.RedisPipeline && !s.cluster
+	s.grouped = cfg.RedisPipeline
 	s.cacheTTL = cfg.CacheTTL
 	h := newHub(cfg.MaxStreams)
 	return backend{

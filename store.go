@@ -817,11 +817,16 @@ func (s *redisStore) apply(ctx context.Context, ingests [][]typeBatch, o *onceKe
 	if err != nil {
 		return false, err
 	}
-	args[0] = s.pool.redisMicros(fence)
+	args[0] = s.fenceFor(ctx, keys[0], fence)
 	reply, err := ingestScript.run(c, start.Add(s.pool.timeout+ingestGrace), keys, args...)
 	c.Close()
 	if rec, ok := reply.([]byte); ok && err == nil && o != nil {
 		return false, replayOf(o, rec)
+	}
+	if reply == int64(2) && err == nil {
+		// On a cluster: a group of one type's ingests noted buckets to
+		// merge.
+		s.noteCompact(ctx, []string{ingests[0][0].typ})
 	}
 	if _, ok := err.(redis.Error); !ok {
 		return err != nil, err
