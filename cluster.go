@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -486,11 +487,24 @@ func (c *clusterConn) flush(deadline time.Time) error {
 				c.runOn(addr, us, deadline)
 			}
 		} else {
+			// A panic in a node's goroutine is the caller's, where the
+			// request's recovery sees it, not the process's end.
 			var wg sync.WaitGroup
+			var panicked atomic.Value
 			for addr, us := range byNode {
-				wg.Go(func() { c.runOn(addr, us, deadline) })
+				wg.Go(func() {
+					defer func() {
+						if p := recover(); p != nil {
+							panicked.Store(fmt.Sprintf("%v\n%s", p, debug.Stack()))
+						}
+					}()
+					c.runOn(addr, us, deadline)
+				})
 			}
 			wg.Wait()
+			if p := panicked.Load(); p != nil {
+				panic(p)
+			}
 		}
 		var again []*clusterUnit
 		tryAgain, redirected := false, false
@@ -550,11 +564,11 @@ func (c *clusterConn) context() context.Context {
 // fails.
 func (c *clusterConn) runOn(addr string, units []*clusterUnit, deadline time.Time) {
 	node := c.cl.node(addr)
+	// The failure is counted by the operation's caller, as on one Redis.
 	fail := func(err error) {
 		for _, u := range units {
 			u.err = err
 		}
-		node.tel.storeError("cluster")
 		c.cl.refreshSoon()
 	}
 	var conn redis.Conn

@@ -8,9 +8,11 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -242,11 +244,19 @@ func TestClusterNodeDown(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.RedisCluster = c.addrs()
 	prefix := testPrefix()
-	pool := testPool(t, cfg, prefix)
+	// With the service's telemetry, which counts the failures.
+	tel := newTelemetry()
+	pool := newRedisPool(cfg, tel)
+	t.Cleanup(func() {
+		deleteKeys(pool, prefix)
+		pool.Close()
+	})
 	clock := newFakeClock(storeEpoch)
 	b := newRedisBackend(pool, prefix, cfg, clock.now)
 	rs := b.store.(*redisStore)
-	base := serve(t, cfg, b)
+	srv := httptest.NewServer(newHandler(discardLogger(), cfg, tel, b))
+	t.Cleanup(srv.Close)
+	base := srv.URL
 
 	st := c.layout(t)
 	var names []string
@@ -318,6 +328,9 @@ func TestClusterNodeDown(t *testing.T) {
 		t.Fatalf("stored %v, want %v", got.Stored, want)
 	}
 	counts(3, "after a 503 that names it stored", names[:2]...)
+	if m := get(t, base+"/metrics").body; !regexp.MustCompile(`store_errors_total\{op="ingest"\} [1-9]`).MatchString(m) {
+		t.Fatal("/metrics counts no failed ingest after the 503")
+	}
 
 	restart()
 	if r := idem(); r.status != 201 || r.header.Get("Idempotent-Replayed") != "" {

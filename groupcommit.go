@@ -82,7 +82,11 @@ func (s *redisStore) addOnce(ctx context.Context, batches []typeBatch, now time.
 	}
 	// On a cluster a run is of one type: an ingest of several runs alone.
 	if s.cluster && len(batches) != 1 {
-		return s.addCluster(ctx, batches, now, o, in.arrived)
+		err := s.addCluster(ctx, batches, now, o, in.arrived)
+		if err != nil && !refused(err) {
+			s.pool.tel.storeError("ingest")
+		}
+		return err
 	}
 	var err error
 	if in.samples > maxGroupedSamples || !s.grouped || o != nil {

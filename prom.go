@@ -51,7 +51,7 @@ func (h *sizeHistogram) observe(n int) {
 }
 
 // storeOps are the store operations whose failures are counted.
-var storeOps = []string{"ingest", "read", "delete", "reclaim", "compact", "cache_get", "cache_put", "cache_purge", "ratelimit", "ping", "subscribe"}
+var storeOps = []string{"ingest", "read", "delete", "reclaim", "compact", "cache_get", "cache_put", "cache_purge", "ratelimit", "ping", "subscribe", "cluster_slots"}
 
 // refusalReasons are why samples are refused for a limit.
 var refusalReasons = []string{"max_types", "max_series", "retention", "future"}
