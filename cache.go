@@ -301,11 +301,16 @@ func (r *redisCacheStore) get(ctx context.Context, typ, key string) (version uin
 	err = r.pool.with(ctx, "cache_get", func(c redis.Conn, deadline time.Time) error {
 		c.Send("HGET", r.keys.meta(typ), "v")
 		c.Send("GET", r.keys.cacheEntry(typ, key))
-		replies, err := redis.Values(do(c, deadline, ""))
+		both := deadline
+		if r.pool.cluster != nil {
+			// On a cluster the entry is on another node than the type's
+			// version, and that node failing or hanging makes a miss:
+			// the pair gets half the time, and the type's own node the
+			// rest.
+			both = time.Now().Add(time.Until(deadline) / 2)
+		}
+		replies, err := redis.Values(do(c, both, ""))
 		if err != nil && r.pool.cluster != nil {
-			// On a cluster the entry is on another node than the type,
-			// and that node failing makes a miss: the type's own node
-			// answers the read.
 			var v any
 			v, err = do(c, deadline, "HGET", r.keys.meta(typ), "v")
 			replies = []any{v, nil}

@@ -106,25 +106,40 @@ func (cl *cluster) close() {
 	cl.nodes = map[string]*redisPool{}
 }
 
-// refresh reads the slot table from the first node that gives it: a known
-// master, else a seed. Concurrent callers share one refresh.
+// refresh reads the slot table from the known masters and the seeds, all
+// asked at once, and takes the first answer: one hung node costs no more
+// than REDIS_TIMEOUT. Concurrent callers share one refresh.
 func (cl *cluster) refresh(ctx context.Context) error {
 	_, err := cl.refreshes.do(ctx, "slots", func(ctx context.Context) (any, error) {
-		var errs []error
 		candidates := slices.Clone(cl.seeds)
 		if t := cl.slots.Load(); t != nil {
 			candidates = append(slices.Clone(t.masters), cl.seeds...)
 		}
-		for _, addr := range distinct(candidates) {
-			t, err := cl.readSlots(ctx, addr)
-			if err == nil {
-				cl.slots.Store(t)
+		candidates = distinct(candidates)
+		type answer struct {
+			t   *slotTable
+			err error
+		}
+		answers := make(chan answer, len(candidates)) // buffered: the slow ones finish on their own
+		for _, addr := range candidates {
+			cl.refreshing.Add(1)
+			go func() {
+				defer cl.refreshing.Done()
+				t, err := cl.readSlots(ctx, addr)
+				if err != nil {
+					err = fmt.Errorf("%s: %w", addr, err)
+				}
+				answers <- answer{t, err}
+			}()
+		}
+		var errs []error
+		for range candidates {
+			a := <-answers
+			if a.err == nil {
+				cl.slots.Store(a.t)
 				return nil, nil
 			}
-			errs = append(errs, fmt.Errorf("%s: %w", addr, err))
-			if ctx.Err() != nil {
-				break
-			}
+			errs = append(errs, a.err)
 		}
 		return nil, errors.Join(errs...)
 	})
@@ -254,7 +269,12 @@ func (cl *cluster) masters(ctx context.Context) ([]string, error) {
 	return t.masters, nil
 }
 
-// ping asks every master whether it answers.
+// errClusterDown is a master that answers but says the cluster is not ok:
+// it refuses every command on a key then.
+var errClusterDown = errors.New("redis cluster: cluster_state is not ok")
+
+// ping asks every master whether it answers and serves: a master answers
+// PING even while the cluster, a master short, refuses every key.
 func (cl *cluster) ping(ctx context.Context) error {
 	masters, err := cl.masters(ctx)
 	if err != nil {
@@ -263,7 +283,15 @@ func (cl *cluster) ping(ctx context.Context) error {
 	errs := make([]error, len(masters))
 	var wg sync.WaitGroup
 	for i, addr := range masters {
-		wg.Go(func() { errs[i] = cl.node(addr).ping(ctx) })
+		wg.Go(func() {
+			errs[i] = cl.node(addr).with(ctx, "ping", func(c redis.Conn, deadline time.Time) error {
+				info, err := redis.String(do(c, deadline, "CLUSTER", "INFO"))
+				if err == nil && !strings.Contains(info, "cluster_state:ok") {
+					err = errClusterDown
+				}
+				return err
+			})
+		})
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {

@@ -583,3 +583,163 @@ func TestClusterScriptFailingMidMigration(t *testing.T) {
 		t.Fatalf("count %v, want %v", after, before+1)
 	}
 }
+
+// TestClusterFaults drives one cluster's nodes into the states a client
+// has to live with, one after the other: a hanging cache node, a hanging
+// cluster at the service's start, a hanging node of the set of type names,
+// one key under two bodies at once, a slot no master serves.
+func TestClusterFaults(t *testing.T) {
+	c := ownCluster(t)
+	cfg := testConfig(t)
+	cfg.RedisCluster = c.addrs()
+	// The defaults, whose bounds SPEC gives.
+	def, _ := loadConfig(func(string) string { return "" })
+	cfg.RedisTimeout, cfg.LimiterTimeout = def.RedisTimeout, def.LimiterTimeout
+	prefix := testPrefix()
+	k := keys{prefix: prefix}
+	clock := newFakeClock(storeEpoch)
+	pool := testPool(t, cfg, prefix)
+	base := serve(t, cfg, newRedisBackend(pool, prefix, cfg, clock.now))
+	st := c.layout(t)
+	conn := func(addr string) redis.Conn {
+		t.Helper()
+		cn, err := redis.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cn.Close() })
+		return cn
+	}
+	pause := func(addr string, d time.Duration) {
+		t.Helper()
+		if _, err := conn(addr).Do("CLIENT", "PAUSE", d.Milliseconds(), "ALL"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn(addr).Do("CLIENT", "UNPAUSE") })
+	}
+	unpause := func(addr string) { conn(addr).Do("CLIENT", "UNPAUSE") }
+	cacheNode := st.master(keySlot(k.cacheIndex()))
+	typesNode := st.master(keySlot(k.types()))
+	elsewhere := func(avoid ...string) func(int) bool {
+		return func(slot int) bool { return !slices.Contains(avoid, st.master(slot)) }
+	}
+
+	t.Run("cache node hangs", func(t *testing.T) {
+		typ := typeOn(prefix, "c", elsewhere(cacheNode))
+		if r := post(t, base, metricBody(typ, sampleTime, 5)); r.status != 201 {
+			t.Fatalf("%d %s", r.status, r.body)
+		}
+		pause(cacheNode, 2*time.Second)
+		defer unpause(cacheNode)
+		start := time.Now()
+		r := get(t, base+"/api/metrics/summary?metric_type="+typ)
+		if r.status != 200 || r.json(t)["count"] != 1.0 {
+			t.Fatalf("a read of a type whose node is up, with the cache's node hung: %d %s, want its answer", r.status, r.body)
+		}
+		if d := time.Since(start); d > time.Second {
+			t.Fatalf("the read took %v", d)
+		}
+	})
+
+	t.Run("cluster hangs at the start", func(t *testing.T) {
+		for _, addr := range st.masters {
+			pause(addr, 3*time.Second)
+		}
+		defer func() {
+			for _, addr := range st.masters {
+				unpause(addr)
+			}
+		}()
+		fresh := newRedisPool(cfg, nil) // no slot table yet
+		defer fresh.Close()
+		cold := serve(t, cfg, newRedisBackend(fresh, prefix, cfg, clock.now))
+		var items []string
+		for i := range 4 {
+			items = append(items, metricBody(fmt.Sprintf("cold%d", i), sampleTime, 1))
+		}
+		start := time.Now()
+		r := post(t, cold, "["+strings.Join(items, ",")+"]")
+		if d := time.Since(start); r.status != 503 || d > 2*time.Second {
+			t.Fatalf("a batch of 4 types on a hung cluster: %d after %v, want 503 within 2 s", r.status, d)
+		}
+	})
+
+	t.Run("the node of the type names hangs", func(t *testing.T) {
+		// A new type first, so that the connection to the node is open
+		// when it hangs, and what is sent on it reaches Redis.
+		if r := post(t, base, metricBody(typeOn(prefix, "warm", elsewhere(typesNode)), sampleTime, 1)); r.status != 201 {
+			t.Fatalf("%d %s", r.status, r.body)
+		}
+		pause(typesNode, 1100*time.Millisecond) // past REDIS_TIMEOUT, short of failing the connection
+		var wg sync.WaitGroup
+		for i := range 10 {
+			typ := typeOn(prefix, fmt.Sprintf("n%d-", i), elsewhere(typesNode))
+			wg.Go(func() { tryPost(base, metricBody(typ, sampleTime, 1)) })
+		}
+		wg.Wait()
+		// A registration Redis runs after the service gave up takes no
+		// room: every name in the set is a type that holds data. The
+		// read waits out the pause behind the registrations held by it,
+		// which Redis then runs first.
+		names, err := redis.Strings(conn(typesNode).Do("SMEMBERS", k.types()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range names {
+			if v, _ := redis.Int(conn(st.master(keySlot(k.meta(n)))).Do("EXISTS", k.meta(n))); v != 1 {
+				t.Errorf("%s takes MAX_TYPES room and holds nothing", n)
+			}
+		}
+	})
+
+	t.Run("one key, two bodies at once", func(t *testing.T) {
+		types := []string{typeOn(prefix, "k", elsewhere()), typeOn(prefix, "l", elsewhere()), typeOn(prefix, "m", elsewhere())}
+		for round := range 8 {
+			bodies := make([]string, 2)
+			for b := range bodies {
+				var items []string
+				for _, typ := range types {
+					items = append(items, metricBody(fmt.Sprintf("%s%d", typ, round), sampleTime, float64(b+1)))
+				}
+				bodies[b] = "[" + strings.Join(items, ",") + "]"
+			}
+			statuses := make([]int, 2)
+			var wg sync.WaitGroup
+			for b := range bodies {
+				wg.Go(func() {
+					req, _ := http.NewRequest("POST", base+"/api/metrics", strings.NewReader(bodies[b]))
+					req.Header.Set("Content-Type", "application/json")
+					req.Header.Set("Idempotency-Key", fmt.Sprintf("two-%d", round))
+					if res, err := http.DefaultClient.Do(req); err == nil {
+						statuses[b] = res.StatusCode
+						res.Body.Close()
+					}
+				})
+			}
+			wg.Wait()
+			slices.Sort(statuses)
+			if !slices.Equal(statuses, []int{201, 422}) {
+				t.Fatalf("round %d: %v, want one 201 and one 422", round, statuses)
+			}
+			var sums []float64
+			for _, typ := range types {
+				r := get(t, base+"/api/metrics/summary?metric_type="+fmt.Sprintf("%s%d", typ, round))
+				sums = append(sums, r.json(t)["sum"].(float64))
+			}
+			if sums[0] != sums[1] || sums[1] != sums[2] {
+				t.Fatalf("round %d: the types hold %v: the two bodies mixed", round, sums)
+			}
+		}
+	})
+
+	t.Run("a slot no master serves", func(t *testing.T) {
+		owner := st.master(0)
+		if _, err := conn(owner).Do("CLUSTER", "DELSLOTS", 0); err != nil {
+			t.Fatal(err)
+		}
+		defer conn(owner).Do("CLUSTER", "ADDSLOTS", 0)
+		if r := get(t, base+"/health"); r.status != 503 {
+			t.Fatalf("/health with a slot unserved: %d %s, want 503", r.status, r.body)
+		}
+	})
+}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"maps"
@@ -56,12 +57,35 @@ func (e *partlyStoredError) Unwrap() error { return e.err }
 
 // addCluster is addOnce on a Redis Cluster.
 func (s *redisStore) addCluster(ctx context.Context, batches []typeBatch, now time.Time, o *onceKey, start time.Time) error {
+	claimed := false
 	if o != nil {
-		rec, err := s.onceRecord(ctx, o)
-		if err != nil || rec != nil {
+		var err error
+		if claimed, err = s.claimOnce(ctx, o); err != nil {
 			return err
 		}
 	}
+	err := s.addParts(ctx, batches, now, o, start)
+	// A request refused, or failed before anything of it was sent, leaves
+	// its key free, as on a single Redis.
+	if claimed && storedNothing(err) {
+		s.releaseOnce(ctx, o)
+	}
+	return err
+}
+
+// storedNothing reports whether err says that nothing of the ingest was
+// stored: a refusal, or a failure Redis answered (before any write).
+func storedNothing(err error) bool {
+	var ps *partlyStoredError
+	if err == nil || errors.As(err, &ps) {
+		return false
+	}
+	_, answered := err.(redis.Error)
+	return answered || refused(err)
+}
+
+// addParts is addCluster once the key, if any, is claimed.
+func (s *redisStore) addParts(ctx context.Context, batches []typeBatch, now time.Time, o *onceKey, start time.Time) error {
 	byType := map[string][]typeBatch{}
 	for _, b := range batches {
 		byType[b.typ] = append(byType[b.typ], b)
@@ -186,11 +210,22 @@ func (s *redisStore) runParts(ctx context.Context, calls []*ingestCall, extra []
 	fence := start.Add(s.pool.timeout / 2)
 	c := &clusterConn{cl: cl, ctx: ctx, deadline: start.Add(wait), pooled: true}
 	results := make([]partResult, len(calls))
+	// The slot table, read at most once and by the fence: every run
+	// routes by it.
+	tctx, cancel := context.WithDeadline(ctx, fence)
+	_, err := cl.table(tctx)
+	cancel()
+	if err != nil {
+		for i := range results {
+			results[i].err = err
+		}
+		return results
+	}
 	send := func(i int, cmd, body string) {
 		call := calls[i]
 		args := slices.Clone(call.args)
 		args[6] = call.args[6].(int) | extra[i]
-		args[0] = s.fenceFor(ctx, call.keys[0], fence)
+		args[0] = s.fenceFor(call.keys[0], fence)
 		line := make([]any, 0, 2+len(call.keys)+len(args))
 		line = append(line, body, len(call.keys))
 		for _, k := range call.keys {
@@ -298,7 +333,10 @@ func (s *redisStore) judge(ctx context.Context, names []string, results []partRe
 // yet, all of them or none (tooManyTypesError naming the first), or with
 // take false only checks that there is room.
 func (s *redisStore) register(ctx context.Context, names []string, take bool) error {
-	args := []any{s.maxTypes, take}
+	// Fenced as an ingest is: a run Redis starts after the service gave up
+	// on it would take room for types never written.
+	fence := s.fenceFor(s.keys.types(), time.Now().Add(s.pool.timeout/2))
+	args := []any{fence, s.maxTypes, take}
 	for _, n := range names {
 		args = append(args, n)
 	}
@@ -329,33 +367,60 @@ func (s *redisStore) noteCompact(ctx context.Context, names []string) {
 }
 
 // fenceFor is fence on the clock of the Redis that holds key: on a cluster,
-// of the node its slot is on.
-func (s *redisStore) fenceFor(ctx context.Context, key string, fence time.Time) int64 {
+// of the node the slot table says its slot is on (the table is not read
+// here: the run's routing reads it, within its deadline).
+func (s *redisStore) fenceFor(key string, fence time.Time) int64 {
 	if cl := s.pool.cluster; cl != nil {
-		if addr, err := cl.route(ctx, key); err == nil {
+		if addr := cl.slots.Load().master(keySlot(key)); addr != "" {
 			return cl.node(addr).redisMicros(fence)
 		}
 	}
 	return s.pool.redisMicros(fence)
 }
 
-// onceRecord is the record of o's key for the whole request, or nil; a
-// record of another request is errKeyReused, one of o's request its
-// replay.
-func (s *redisStore) onceRecord(ctx context.Context, o *onceKey) ([]byte, error) {
+// claimOnce binds o's key to o's request before anything of it is
+// written: it records the request's digest alone under the key, unless the
+// key holds a record already. A digest alone is this request's (an earlier
+// attempt, or one at the same time: each type's part is applied once
+// anyway) or another's (errKeyReused); a whole record is answered as on a
+// single Redis, with the replay or errKeyReused. So two requests under one
+// key never each store some of their types.
+func (s *redisStore) claimOnce(ctx context.Context, o *onceKey) (claimed bool, err error) {
 	var rec []byte
-	err := s.pool.with(ctx, "ingest", func(c redis.Conn, deadline time.Time) error {
+	err = s.pool.with(ctx, "ingest", func(c redis.Conn, deadline time.Time) error {
 		var err error
-		rec, err = redis.Bytes(do(c, deadline, "GET", s.keys.once(o.id)))
+		rec, err = redis.Bytes(do(c, deadline, "SET", s.keys.once(o.id), o.print[:], "NX", "GET", "PX", onceLifetime.Milliseconds()))
 		if err == redis.ErrNil {
 			rec, err = nil, nil
 		}
 		return err
 	})
-	if err != nil || rec == nil {
-		return nil, err
+	switch {
+	case err != nil:
+		return false, err
+	case rec == nil:
+		return true, nil
+	case len(rec) == len(o.print):
+		if !bytes.Equal(rec, o.print[:]) {
+			return false, errKeyReused
+		}
+		return false, nil
 	}
-	return rec, replayOf(o, rec)
+	return false, replayOf(o, rec)
+}
+
+// releaseOnceScript deletes a claim that is still the digest alone of the
+// request that made it.
+var releaseOnceScript = newScript(`if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0`)
+
+// releaseOnce frees o's key of its claim. Failing, it leaves the key bound
+// to o's request for its lifetime, which a retry of it goes on with.
+func (s *redisStore) releaseOnce(ctx context.Context, o *onceKey) {
+	s.pool.with(ctx, "ingest", func(c redis.Conn, deadline time.Time) error {
+		_, err := releaseOnceScript.run(c, deadline, []string{s.keys.once(o.id)}, o.print[:])
+		return err
+	})
 }
 
 // recordOnce records o's key for the whole request.

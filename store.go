@@ -817,7 +817,7 @@ func (s *redisStore) apply(ctx context.Context, ingests [][]typeBatch, o *onceKe
 	if err != nil {
 		return false, err
 	}
-	args[0] = s.fenceFor(ctx, keys[0], fence)
+	args[0] = s.fenceFor(keys[0], fence)
 	reply, err := ingestScript.run(c, start.Add(s.pool.timeout+ingestGrace), keys, args...)
 	c.Close()
 	if rec, ok := reply.([]byte); ok && err == nil && o != nil {

@@ -5,10 +5,15 @@
 -- checks.
 --
 -- KEYS: the set of type names.
--- ARGV: MAX_TYPES, take (1 or 0), then the names, sorted.
-local max, take = tonumber(ARGV[1]), ARGV[2] == '1'
+-- ARGV: the fence (Unix us, Redis's clock: past it the run does nothing),
+-- MAX_TYPES, take (1 or 0), then the names, sorted.
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[1]) then
+  return redis.error_reply('FENCED register reached Redis after its deadline')
+end
+local max, take = tonumber(ARGV[2]), ARGV[3] == '1'
 local fresh = {}
-for j = 3, #ARGV, 1000 do
+for j = 4, #ARGV, 1000 do
   local last = math.min(j + 999, #ARGV)
   for i, m in ipairs(redis.call('SMISMEMBER', KEYS[1], unpack(ARGV, j, last))) do
     if m == 0 then fresh[#fresh + 1] = ARGV[j + i - 1] end
