@@ -333,6 +333,21 @@ func TestClusterNodeDown(t *testing.T) {
 	}
 
 	restart()
+	// The batch held its third type from its check; the hold, on the
+	// node that went down, lapses after REDIS_TIMEOUT.
+	hc, err := redis.Dial("tcp", down.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hc.Close()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) { // polling Redis for a state
+		if n, err := redis.Int(hc.Do("EXISTS", keys{prefix: prefix}.hold(names[2]))); err == nil && n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the batch's hold of its third type did not lapse")
+		}
+	}
 	if r := idem(); r.status != 201 || r.header.Get("Idempotent-Replayed") != "" {
 		t.Fatalf("retry after the node is back: %d %v %s, want a 201 that is no replay", r.status, r.header, r.body)
 	}
@@ -730,6 +745,53 @@ func TestClusterFaults(t *testing.T) {
 				t.Fatalf("round %d: the types hold %v: the two bodies mixed", round, sums)
 			}
 		}
+	})
+
+	t.Run("a batch racing writes into its types", func(t *testing.T) {
+		// Two series a type: a batch bringing one to a type while two
+		// single writes bring theirs is stored whole or refused whole.
+		cfg := cfg
+		cfg.MaxSeries = 2
+		prefix := testPrefix()
+		base := serve(t, cfg, newRedisBackend(testPool(t, cfg, prefix), prefix, cfg, clock.now))
+		at := func(typ, host string) string {
+			return fmt.Sprintf(`{"type":%q,"value":1,"timestamp":"2025-01-01T10:00:00Z","labels":{"host":%q}}`, typ, host)
+		}
+		outcomes := map[int]int{}
+		for round := range 30 {
+			x, y, z := fmt.Sprintf("x%d", round), fmt.Sprintf("y%d", round), fmt.Sprintf("z%d", round)
+			batch := "[" + at(x, "p") + "," + at(y, "p") + "," + at(z, "p") + "]"
+			var wg sync.WaitGroup
+			var status int
+			var body string
+			wg.Go(func() {
+				r, err := tryPost(base, batch)
+				if err == nil {
+					status, body = r.status, r.body
+				}
+			})
+			for _, h := range []string{"q", "r"} {
+				wg.Go(func() { tryPost(base, at(x, h)) })
+			}
+			wg.Wait()
+			outcomes[status]++
+			count := func(typ string) float64 {
+				return get(t, base+"/api/metrics/summary?metric_type="+typ).json(t)["count"].(float64)
+			}
+			switch status {
+			case 201:
+				if count(y) != 1 || count(z) != 1 {
+					t.Fatalf("round %d: 201, and y, z count %v, %v", round, count(y), count(z))
+				}
+			case 422:
+				if count(y) != 0 || count(z) != 0 {
+					t.Fatalf("round %d: 422 %s, and y, z count %v, %v: a refused batch stored part of itself", round, body, count(y), count(z))
+				}
+			default:
+				t.Fatalf("round %d: %d %s, want 201 or 422", round, status, body)
+			}
+		}
+		t.Logf("the batch's answers: %v", outcomes)
 	})
 
 	t.Run("a slot no master serves", func(t *testing.T) {

@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"errors"
 	"maps"
+	mrand "math/rand/v2"
 	"slices"
 	"strings"
 	"time"
@@ -23,8 +25,10 @@ import (
 //
 // An ingest of several types is applied type by type, the runs of each
 // node sent together and the nodes side by side:
-//   - every run is first checked without writing (ingestCheckOnly), so a
-//     refusal (422) stores nothing, in the order a single Redis refuses;
+//   - every run is first checked without writing but for its hold of the
+//     type (ingestCheckOnly, {T}:lock), so a refusal (422) stores nothing,
+//     in the order a single Redis refuses, and no other write changes the
+//     type before the batch's does;
 //   - the new types then take their MAX_TYPES room together, in one run of
 //     lua/register.lua on the set of names, which keeps the bound exact;
 //   - then every run writes. When one fails, the others' types are stored:
@@ -102,14 +106,39 @@ func (s *redisStore) addParts(ctx context.Context, batches []typeBatch, now time
 	ingests := [][]typeBatch{batches}
 	extra := make([]int, len(calls))
 	replayed := make([]bool, len(calls)) // stored by an earlier attempt
+	var token string
 	if len(calls) > 1 {
-		for i := range extra {
+		// The check holds each type it passes for the batch (its token),
+		// so that no other write changes the type before the batch's
+		// write: a refusal then stores nothing. A batch that finds a type
+		// held lets go of what it holds and tries again a little later,
+		// so two batches never wait on each other.
+		token = rand.Text()
+		for i, call := range calls {
+			// Held for REDIS_TIMEOUT at most: a write that comes later
+			// (Redis that slow) finds the hold gone and stores nothing.
+			call.args[7], call.args[8] = token, max(1, s.pool.timeout.Milliseconds())
 			extra[i] = ingestCheckOnly
 		}
-		// A check writes nothing: it need not wait past REDIS_TIMEOUT.
-		results := s.runParts(ctx, calls, extra, start, s.pool.timeout)
+		fence := start.Add(s.pool.timeout / 2)
+		var results []partResult
+		for attempt := 1; ; attempt++ {
+			// A check writes only the hold: it need not wait past
+			// REDIS_TIMEOUT.
+			results = s.runParts(ctx, calls, extra, start, s.pool.timeout, false)
+			if !slices.ContainsFunc(results, func(r partResult) bool { return lockedRefusal(r.err) }) {
+				break
+			}
+			s.release(ctx, held(names, results), token)
+			pause := time.Duration(attempt) * time.Duration(1+mrand.IntN(4)) * time.Millisecond
+			if !time.Now().Add(pause).Before(fence) {
+				return errors.New("ingest: its types stayed held by other batches")
+			}
+			time.Sleep(pause)
+		}
 		fresh, err := s.judge(ctx, names, results, ingests)
 		if err != nil {
+			s.release(ctx, held(names, results), token)
 			return err
 		}
 		for i, r := range results {
@@ -126,12 +155,25 @@ func (s *redisStore) addParts(ctx context.Context, batches []typeBatch, now time
 		start = time.Now()
 	}
 	wait := s.pool.timeout + ingestGrace
-	results := s.runParts(ctx, calls, skip(extra, replayed), start, wait)
+	results := s.runParts(ctx, calls, skip(extra, replayed), start, wait, token == "")
 	if len(calls) == 1 && newTypeRefusal(results[0].err) {
 		if _, err := s.judge(ctx, names, results, ingests); err != nil {
 			return err
 		}
-		results = s.runParts(ctx, calls, []int{ingestRegistered}, time.Now(), wait)
+		results = s.runParts(ctx, calls, []int{ingestRegistered}, time.Now(), wait, true)
+	}
+	if token != "" {
+		// A written run let go of its type; one that failed holds it
+		// until the hold expires, unless this reaches its node.
+		var held []string
+		for i, r := range results {
+			if r.err != nil {
+				held = append(held, names[i])
+			}
+		}
+		if len(held) > 0 {
+			s.release(ctx, held, token)
+		}
 	}
 	var stored, noted []string
 	var failed error
@@ -205,7 +247,7 @@ func skip(extra []int, done []bool) []int {
 // by side, and returns their answers. As on a single Redis the runs take
 // pooled connections, and the fence (half of REDIS_TIMEOUT) and the wait
 // for the answers count from start.
-func (s *redisStore) runParts(ctx context.Context, calls []*ingestCall, extra []int, start time.Time, wait time.Duration) []partResult {
+func (s *redisStore) runParts(ctx context.Context, calls []*ingestCall, extra []int, start time.Time, wait time.Duration, waitLocked bool) []partResult {
 	cl := s.pool.cluster
 	fence := start.Add(s.pool.timeout / 2)
 	c := &clusterConn{cl: cl, ctx: ctx, deadline: start.Add(wait), pooled: true}
@@ -265,7 +307,30 @@ func (s *redisStore) runParts(ctx context.Context, calls []*ingestCall, extra []
 		}
 		receive(missing)
 	}
+	// A run of a type a batch holds waits for it, up to its fence: the
+	// batch's write comes within milliseconds.
+	for pause := tryAgainWait; waitLocked; pause = min(2*pause, maxTryAgainWait) {
+		var locked []int
+		for i, r := range results {
+			if lockedRefusal(r.err) {
+				locked = append(locked, i)
+			}
+		}
+		if len(locked) == 0 || !time.Now().Add(pause).Before(fence) {
+			break
+		}
+		time.Sleep(pause)
+		for _, i := range locked {
+			send(i, "EVALSHA", ingestScript.hash)
+		}
+		receive(locked)
+	}
 	return results
+}
+
+func lockedRefusal(err error) bool {
+	e, ok := err.(redis.Error)
+	return ok && strings.HasPrefix(string(e), "LOCKED ")
 }
 
 func newTypeRefusal(err error) bool {
@@ -409,16 +474,43 @@ func (s *redisStore) claimOnce(ctx context.Context, o *onceKey) (claimed bool, e
 	return false, replayOf(o, rec)
 }
 
-// releaseOnceScript deletes a claim that is still the digest alone of the
-// request that made it.
-var releaseOnceScript = newScript(`if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+// releaseScript deletes a key that still holds the value given: a claim
+// of a key, a batch's hold of a type.
+var releaseScript = newScript(`if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0`)
 
 // releaseOnce frees o's key of its claim. Failing, it leaves the key bound
 // to o's request for its lifetime, which a retry of it goes on with.
 func (s *redisStore) releaseOnce(ctx context.Context, o *onceKey) {
 	s.pool.with(ctx, "ingest", func(c redis.Conn, deadline time.Time) error {
-		_, err := releaseOnceScript.run(c, deadline, []string{s.keys.once(o.id)}, o.print[:])
+		_, err := releaseScript.run(c, deadline, []string{s.keys.once(o.id)}, o.print[:])
+		return err
+	})
+}
+
+// held is the types whose check took the batch's hold: those it passed,
+// new ones included.
+func held(names []string, results []partResult) []string {
+	var out []string
+	for i, r := range results {
+		if r.err == nil && r.reply == int64(0) || newTypeRefusal(r.err) && len(strings.Fields(r.err.Error())) == 2 {
+			out = append(out, names[i])
+		}
+	}
+	return out
+}
+
+// release lets go of the types a batch holds (token), each on its node, in
+// one round trip. A hold not let go of expires by itself.
+func (s *redisStore) release(ctx context.Context, names []string, token string) {
+	if len(names) == 0 {
+		return
+	}
+	s.pool.with(ctx, "ingest", func(c redis.Conn, deadline time.Time) error {
+		for _, n := range names {
+			c.Send("EVAL", releaseScript.src, 1, s.keys.hold(n), token)
+		}
+		_, err := do(c, deadline, "")
 		return err
 	})
 }

@@ -260,7 +260,15 @@ func (s *redisStore) remove(ctx context.Context, typ string, match []label, _ ti
 	var answer []int
 	err = s.pool.with(ctx, "delete", func(c redis.Conn, deadline time.Time) error {
 		var err error
-		answer, err = redis.Ints(deleteScript.run(c, deadline, keys, args...))
+		// A type a batch holds (a cluster's) is let go of within
+		// milliseconds.
+		for pause := tryAgainWait; ; pause = min(2*pause, maxTryAgainWait) {
+			answer, err = redis.Ints(deleteScript.run(c, deadline, keys, args...))
+			if !lockedRefusal(err) || !time.Now().Add(pause).Before(deadline) {
+				break
+			}
+			time.Sleep(pause)
+		}
 		if err == nil && len(answer) != 2 {
 			err = errors.New("delete: unexpected reply")
 		}

@@ -54,6 +54,11 @@ import "strconv"
 //	{cache}:idx            sorted set: the cached answers by expiry
 //	rl:{client}:<window>   string: a rate-limit counter, expiring with its
 //	                       window
+//	{T}:lock               string: on a Redis Cluster, the token of a batch
+//	                       of several types that holds the type from its
+//	                       check to its write (clusterstore.go)
+//	{T}:o:<digest>         string: on a Redis Cluster, an Idempotency-Key's
+//	                       record of the type's part of an ingest
 //	once:<digest>          string: an Idempotency-Key's record, by the
 //	                       digest of the token's place and the key
 //	                       (idempotency.go): the request's digest and the
@@ -129,6 +134,11 @@ func (k keys) once(id string) string { return k.prefix + "once:" + id }
 // oncePart names an Idempotency-Key's record on a type's slot, on a Redis
 // Cluster: the type's part of the ingest is applied.
 func (k keys) oncePart(typ, id string) string { return k.tag(typ) + "o:" + id }
+
+// hold names a type's hold by a batch of several types, on a Redis
+// Cluster (clusterstore.go): the batch's token, from its check to its
+// write.
+func (k keys) hold(typ string) string { return k.tag(typ) + "lock" }
 
 func (k keys) streamChannel() string { return k.prefix + "stream" }
 

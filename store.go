@@ -643,6 +643,9 @@ func (s *redisStore) ingestCall(ingests [][]typeBatch, o *onceKey, now time.Time
 		c.keys = []string{s.keys.meta(names[0]), s.keys.meta(names[0])}
 	}
 	c.args = []any{0, now.UnixMicro(), s.maxTypes, s.maxSeries, len(names), len(c.idx), flags}
+	if s.cluster {
+		c.args = append(c.args, "", 0) // a batch's token and how long it holds the type (clusterstore.go)
+	}
 	for i, r := range c.idx {
 		c.ix[r] = i + 1
 		c.args = append(c.args, s.horizon[r], r.seconds(), r.chunk()*r.seconds(), r.String())

@@ -24,6 +24,12 @@
 -- around the step (clusterstore.go). Returns the number of series deleted
 -- and 1 when that was the whole type.
 local name, tag = ARGV[1], ARGV[2]
+local cluster = ARGV[#ARGV] == '1'
+-- On a cluster a batch may hold the type from its check to its write
+-- (clusterstore.go): the delete waits, as any write does.
+if cluster and redis.call('EXISTS', tag .. 'lock') == 1 then
+  return redis.error_reply('LOCKED the type is held by a batch')
+end
 local a = 3
 local asked = {}
 for i = 1, tonumber(ARGV[a]) do
@@ -41,7 +47,6 @@ for _, s in ipairs(asked) do
 end
 if #deleted == 0 then return {0, 0} end
 local whole = redis.call('HLEN', KEYS[5]) == #deleted
-local cluster = ARGV[#ARGV] == '1'
 local sets = cluster and {KEYS[7], KEYS[8]} or {KEYS[1], KEYS[2], KEYS[3], KEYS[7], KEYS[8]}
 for _, k in ipairs(sets) do redis.call('SCARD', k) end
 redis.call('ZCARD', KEYS[6])

@@ -39,7 +39,9 @@
 -- that is gone fails the script where it is touched. So the writes that
 -- touch such keys, retention's deletes, come before every other write,
 -- and a failure there leaves only what retention deletes anyway deleted:
--- the service tries again (cluster.go).
+-- the service tries again (cluster.go). ARGV[8] and ARGV[9] are then a
+-- batch's token and the time it holds the type, below; the rest of ARGV
+-- follows from ARGV[10].
 --
 -- An ingest with an Idempotency-Key has its record's key
 -- last in KEYS, and the record (the request's 32-byte digest, then its
@@ -76,6 +78,20 @@ if once then
   end
 end
 local a = 8
+-- On a cluster, a batch of several types holds each of its types from its
+-- check to its write (clusterstore.go): its token in the type's lock, for
+-- lockMs. Another run finding the lock held answers LOCKED, and writes
+-- nothing; the batch's write finding it gone answers LOCKLOST.
+local lockKey, token, lockMs
+if cluster then
+  lockKey, token, lockMs = string.sub(KEYS[1], 1, -2) .. 'lock', ARGV[8], ARGV[9]
+  a = 10
+  local held = redis.call('GET', lockKey)
+  if held and held ~= token then return redis.error_reply('LOCKED the type is held by a batch') end
+  if not held and token ~= '' and not checkOnly then
+    return redis.error_reply('LOCKLOST the batch held the type too long')
+  end
+end
 local idx = {}
 -- Every resolution has an index, so that a delete finds every bucket
 -- (lua/reclaim.lua); retention sweeps those with a horizon (h > 0).
@@ -317,6 +333,9 @@ for _, ty in ipairs(types) do
   end
   if refusal then break end
 end
+if checkOnly and cluster and token ~= '' and not refusal then
+  redis.call('SET', lockKey, token, 'PX', lockMs)
+end
 if newTypes > 0 and cluster then
   return redis.error_reply('NEWTYPE ' .. firstNew .. (refusal and ' ' .. refusal or ''))
 end
@@ -519,6 +538,7 @@ end
 if once then
   redis.call('SET', KEYS[#KEYS], ARGV[#ARGV - 1], 'PX', ARGV[#ARGV])
 end
+if cluster and token ~= '' then redis.call('DEL', lockKey) end
 -- An ingest of no samples only records its key: nothing to publish.
 if ntypes > 0 then redis.call('PUBLISH', ARGV[a], ARGV[a + 1]) end
 return noted and 2 or 1
