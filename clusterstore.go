@@ -137,9 +137,17 @@ func (s *redisStore) addParts(ctx context.Context, batches []typeBatch, now time
 			time.Sleep(pause)
 		}
 		fresh, err := s.judge(ctx, names, results, ingests)
+		holds := held(names, results)
 		if err != nil {
-			s.release(ctx, held(names, results), token)
+			s.release(ctx, holds, token)
 			return err
+		}
+		// Only the held types' writes need their hold; the others
+		// wait for a batch holding theirs, as a single write does.
+		for i, call := range calls {
+			if !slices.Contains(holds, names[i]) {
+				call.args[7] = ""
+			}
 		}
 		for i, r := range results {
 			_, replayed[i] = r.reply.([]byte)
@@ -155,7 +163,7 @@ func (s *redisStore) addParts(ctx context.Context, batches []typeBatch, now time
 		start = time.Now()
 	}
 	wait := s.pool.timeout + ingestGrace
-	results := s.runParts(ctx, calls, skip(extra, replayed), start, wait, token == "")
+	results := s.runParts(ctx, calls, skip(extra, replayed), start, wait, true)
 	if len(calls) == 1 && newTypeRefusal(results[0].err) {
 		if _, err := s.judge(ctx, names, results, ingests); err != nil {
 			return err
@@ -488,12 +496,12 @@ func (s *redisStore) releaseOnce(ctx context.Context, o *onceKey) {
 	})
 }
 
-// held is the types whose check took the batch's hold: those it passed,
-// new ones included.
+// held is the types whose check took the batch's hold (lua/ingest.lua
+// says when), new ones always.
 func held(names []string, results []partResult) []string {
 	var out []string
 	for i, r := range results {
-		if r.err == nil && r.reply == int64(0) || newTypeRefusal(r.err) && len(strings.Fields(r.err.Error())) == 2 {
+		if r.err == nil && r.reply == int64(3) || newTypeRefusal(r.err) && len(strings.Fields(r.err.Error())) == 2 {
 			out = append(out, names[i])
 		}
 	}

@@ -213,6 +213,7 @@ for i = 1, ntypes do
       takeRoom(un)
     end
   end
+  ty.takesRoom = room ~= nil
   -- A known unit's keys are there to read. The others' (a new type, a new
   -- series) are usually all absent, which EXISTS over all of them shows at
   -- once; otherwise they are read as well. Reading each bucket also fails
@@ -333,14 +334,23 @@ for _, ty in ipairs(types) do
   end
   if refusal then break end
 end
+-- A batch's check holds the type only where another write could change
+-- its answer before the batch's write: where it brings a type or series
+-- that takes room, or samples that a newer one (the anchor moves up to
+-- the clock) would put out of retention. Returns 3 then.
+local hold = false
 if checkOnly and cluster and token ~= '' and not refusal then
-  redis.call('SET', lockKey, token, 'PX', lockMs)
+  local nowS = math.floor(nowUs / 1000000)
+  for _, ty in ipairs(types) do
+    hold = hold or not ty.exists or ty.takesRoom or ty.keepUntil <= nowS + 60
+  end
+  if hold then redis.call('SET', lockKey, token, 'PX', lockMs) end
 end
 if newTypes > 0 and cluster then
   return redis.error_reply('NEWTYPE ' .. firstNew .. (refusal and ' ' .. refusal or ''))
 end
 if refusal then return redis.error_reply(refusal) end
-if checkOnly then return 0 end
+if checkOnly then return hold and 3 or 0 end
 
 -- Write phase.
 
