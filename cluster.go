@@ -447,11 +447,10 @@ func (c *clusterConn) DoWithTimeout(timeout time.Duration, cmd string, args ...a
 	replies := c.replies
 	c.replies = nil
 	if cmd == "" {
-		for i, r := range replies {
+		for _, r := range replies {
 			if err, ok := r.(error); ok && !isRedisError(err) {
 				return nil, err
 			}
-			replies[i] = r
 		}
 		return replies, nil
 	}
@@ -639,14 +638,8 @@ func (c *clusterConn) runOn(addr string, units []*clusterUnit, deadline time.Tim
 		if u.asking {
 			replies = replies[1:]
 		}
-		u.replies = make([]any, len(u.cmds))
-		for i := range u.cmds {
-			r := replies[i]
-			if e, ok := r.(redis.Error); ok {
-				r = e // an error, as an error value
-			}
-			u.replies[i] = r
-		}
+		// Redis's errors stay in the replies as redis.Error values.
+		u.replies = replies[:len(u.cmds):len(u.cmds)]
 		replies = replies[len(u.cmds):]
 	}
 }

@@ -423,7 +423,12 @@ func TestClusterReshardUnderLoad(t *testing.T) {
 	}
 
 	var stored, reads, during atomic.Int64
-	var resharding atomic.Bool
+	var resharding, moved atomic.Bool
+	// The move starts once the load has been acknowledged a while, and the
+	// load stops once it has gone on a while after the move.
+	warmed, after := make(chan struct{}), make(chan struct{})
+	var warm, cool sync.Once
+	var afterMove atomic.Int64
 	failures := make(chan string, 100)
 	fail := func(f string) { // the first hundred are kept
 		select {
@@ -461,19 +466,37 @@ func TestClusterReshardUnderLoad(t *testing.T) {
 					fail(fmt.Sprintf("write: %v %d %s", err, r.status, r.body))
 					continue
 				}
-				stored.Add(1)
+				if stored.Add(1) == 30 {
+					warm.Do(func() { close(warmed) })
+				}
 				if resharding.Load() {
 					during.Add(1)
+				}
+				if moved.Load() && afterMove.Add(1) == 30 {
+					cool.Do(func() { close(after) })
 				}
 			}
 		})
 	}
-	time.Sleep(200 * time.Millisecond) // load before the move
+	waitFor := func(ch chan struct{}, what string) {
+		t.Helper()
+		select {
+		case <-ch:
+		case <-time.After(10 * time.Second): // a bound, should the load fail
+			close(stop)
+			wg.Wait()
+			t.Fatalf("%s: not 30 writes acknowledged within 10 s", what)
+		}
+	}
+	waitFor(warmed, "before the move")
 	resharding.Store(true)
 	out, err := exec.Command("redis-cli", "--cluster", "reshard", from, "--cluster-from", ids[from], "--cluster-to", ids[to],
 		"--cluster-slots", "1", "--cluster-yes", "--cluster-pipeline", "10").CombinedOutput()
 	resharding.Store(false)
-	time.Sleep(200 * time.Millisecond) // load after the move
+	moved.Store(true)
+	if err == nil {
+		waitFor(after, "after the move")
+	}
 	close(stop)
 	wg.Wait()
 	close(failures)
@@ -602,7 +625,8 @@ func TestClusterScriptFailingMidMigration(t *testing.T) {
 // TestClusterFaults drives one cluster's nodes into the states a client
 // has to live with, one after the other: a hanging cache node, a hanging
 // cluster at the service's start, a hanging node of the set of type names,
-// one key under two bodies at once, a slot no master serves.
+// one key under two bodies at once, a batch raced by writes into its types,
+// a key moved during its slot's migration (ASK), a slot no master serves.
 func TestClusterFaults(t *testing.T) {
 	c := ownCluster(t)
 	cfg := testConfig(t)
@@ -792,6 +816,46 @@ func TestClusterFaults(t *testing.T) {
 			}
 		}
 		t.Logf("the batch's answers: %v", outcomes)
+	})
+
+	t.Run("a key moved during its slot's migration", func(t *testing.T) {
+		// The source answers ASK for a key it no longer holds; the
+		// command goes once to the target, after ASKING.
+		key := prefix + "{asked}:k"
+		slot := keySlot(key)
+		src := st.master(slot)
+		dst := st.masters[(slices.Index(st.masters, src)+1)%len(st.masters)]
+		id := func(addr string) string {
+			v, err := redis.String(conn(addr).Do("CLUSTER", "MYID"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return v
+		}
+		if _, err := conn(src).Do("SET", key, "v"); err != nil {
+			t.Fatal(err)
+		}
+		_, dport, _ := net.SplitHostPort(dst)
+		for _, step := range [][]any{
+			{dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", id(src)},
+			{src, "CLUSTER", "SETSLOT", slot, "MIGRATING", id(dst)},
+			{src, "MIGRATE", "127.0.0.1", dport, key, 0, 5000},
+		} {
+			if _, err := conn(step[0].(string)).Do(step[1].(string), step[2:]...); err != nil {
+				t.Fatal(step, err)
+			}
+		}
+		defer func() {
+			for _, addr := range []string{src, dst} {
+				conn(addr).Do("CLUSTER", "SETSLOT", slot, "NODE", id(src))
+			}
+			conn(src).Do("DEL", key)
+		}()
+		c := pool.Get()
+		defer c.Close()
+		if v, err := redis.String(c.Do("GET", key)); err != nil || v != "v" {
+			t.Fatalf("GET of a key moved mid-migration: %q, %v", v, err)
+		}
 	})
 
 	t.Run("a slot no master serves", func(t *testing.T) {
